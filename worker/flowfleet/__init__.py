@@ -1,0 +1,3 @@
+"""flowfleet: a fenced PostgreSQL queue for Prefect record-processing flows."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,270 @@
+"""The ``flowfleet`` command."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from flowfleet.database import DatabaseManager
+from flowfleet.errors import FlowfleetError, InvalidRecordError
+
+app = typer.Typer(
+    name="flowfleet",
+    help="A fenced PostgreSQL queue for Prefect record-processing flows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DsnOption = Annotated[
+    str | None,
+    typer.Option(
+        "--dsn",
+        envvar="FLOWFLEET_DSN",
+        show_envvar=True,
+        help="PostgreSQL connection string of the queue database.",
+    ),
+]
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Named database from the environment (e.g. rpa_db)."),
+]
+
+
+def database(dsn: str | None, db: str | None) -> DatabaseManager:
+    if db:
+        return DatabaseManager(db)
+    if dsn:
+        return DatabaseManager("queue", connection_string=dsn)
+    return DatabaseManager("rpa_db")
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(f"flowfleet: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Our errors end the command with their one line and no traceback."""
+    try:
+        yield
+    except FlowfleetError as exc:
+        fail(str(exc))
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+@app.command()
+def migrate(dsn: DsnOption = None, db: DbOption = None) -> None:
+    """Create or upgrade the queue schema (idempotent; safe to run concurrently)."""
+    from flowfleet.migrate import current_version
+    from flowfleet.migrate import migrate as run_migrations
+
+    with user_errors():
+        target = database(dsn, db)
+        with target.connection() as conn:
+            applied = run_migrations(conn)
+            version = current_version(conn)
+    if applied:
+        typer.echo(
+            f"applied migrations {', '.join(map(str, applied))}; schema at version {version}"
+        )
+    else:
+        typer.echo(f"schema already at version {version}; nothing to do")
+
+
+def read_records(source: str) -> list[Any]:
+    """JSON lines or one JSON array, from a file or ``-``; errors name the line."""
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidRecordError(f"line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        if not isinstance(value, list):
+            raise InvalidRecordError("expected a JSON array or JSON lines")
+        return value
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRecordError(f"line {number}: invalid JSON: {exc.msg}") from None
+        if not isinstance(record, dict):
+            raise InvalidRecordError(
+                f"line {number}: payload must be a JSON object, got {type(record).__name__}"
+            )
+        records.append(record)
+    return records
+
+
+@app.command()
+def enqueue(
+    flow: Annotated[str, typer.Argument(help="Flow name the records belong to.")],
+    source: Annotated[
+        str, typer.Argument(help="File of JSON lines or a JSON array; - for stdin.")
+    ] = "-",
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    delay: Annotated[float, typer.Option(help="Seconds before the records may run.")] = 0.0,
+    dedup_key: Annotated[
+        str | None,
+        typer.Option(help="Payload field whose value must be unique among live records."),
+    ] = None,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Add records to a flow's queue. One bad record rejects the call: nothing is enqueued."""
+    from flowfleet.distributed import DistributedProcessor
+
+    with user_errors():
+        try:
+            records = read_records(source)
+        except OSError as exc:
+            raise InvalidRecordError(f"cannot read {source}: {exc.strerror}") from None
+        processor = DistributedProcessor(database(dsn, db))
+        count = processor.add_records_to_queue(
+            flow, records, priority=priority, delay_seconds=delay, dedup_key=dedup_key
+        )
+    typer.echo(f"enqueued {count} records for {flow}")
+
+
+def _status_table(status: dict[str, Any], flow: str | None) -> Any:
+    from rich.table import Table
+
+    keys = ("pending_records", "processing_records", "completed_records", "failed_records")
+    table = Table("flow", "pending", "processing", "completed", "failed", "total")
+    rows = {flow: status} if flow else status["by_flow"]
+    for name, counts in rows.items():
+        table.add_row(name, *(str(counts[k]) for k in keys), str(counts["total_records"]))
+    if not flow and len(rows) != 1:
+        table.add_row(
+            "[bold]all", *(f"[bold]{status[k]}" for k in keys), f"[bold]{status['total_records']}"
+        )
+    return table
+
+
+@app.command()
+def status(
+    flow: Annotated[str | None, typer.Argument(help="One flow; all flows when omitted.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print get_queue_status() as JSON.")
+    ] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until interrupted.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Queue depth per status, for one flow or all."""
+    from rich.console import Console
+    from rich.live import Live
+
+    from flowfleet.distributed import DistributedProcessor
+
+    with user_errors():
+        processor = DistributedProcessor(database(dsn, db))
+        if as_json and not watch:
+            print_json(processor.get_queue_status(flow))
+            return
+        console = Console()
+        if not watch:
+            console.print(_status_table(processor.get_queue_status(flow), flow))
+            return
+        try:
+            with Live(console=console, auto_refresh=False) as live:
+                while True:
+                    current = processor.get_queue_status(flow)
+                    live.update(
+                        json.dumps(current, sort_keys=True)
+                        if as_json
+                        else _status_table(current, flow),
+                        refresh=True,
+                    )
+                    time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def cleanup(
+    timeout_hours: Annotated[
+        float | None, typer.Option(help="Also release claims older than this (hours).")
+    ] = None,
+    completed_older_than_hours: Annotated[
+        float | None, typer.Option(help="Delete completed records older than this (hours).")
+    ] = None,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Return orphaned records (expired leases) to the queue; optionally prune history."""
+    from flowfleet.distributed import DistributedProcessor
+
+    with user_errors():
+        processor = DistributedProcessor(database(dsn, db))
+        released = processor.cleanup_orphaned_records(timeout_hours)
+        typer.echo(f"released {released} orphaned records")
+        if completed_older_than_hours is not None:
+            deleted = processor.cleanup_completed_records(completed_older_than_hours)
+            typer.echo(f"deleted {deleted} completed records")
+
+
+@app.command()
+def health(
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Database reachability, schema version and queue totals; exit 1 when unhealthy."""
+    from flowfleet.distributed import DistributedProcessor
+
+    with user_errors():
+        report = DistributedProcessor(database(dsn, db)).health_check()
+    if as_json:
+        print_json(report)
+    else:
+        typer.echo(f"status: {report['status']}")
+        for name, info in report["databases"].items():
+            typer.echo(
+                f"database {name}: {info['status']}"
+                + (f" ({info['error']})" if "error" in info else "")
+            )
+        if "error" in report:
+            typer.echo(f"error: {report['error']}")
+        totals = report.get("queue_status") or {}
+        if totals:
+            typer.echo(
+                "queue: "
+                + ", ".join(
+                    f"{k.removesuffix('_records')} {totals[k]}"
+                    for k in (
+                        "pending_records",
+                        "processing_records",
+                        "completed_records",
+                        "failed_records",
+                    )
+                )
+            )
+    if report["status"] == "unhealthy":
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

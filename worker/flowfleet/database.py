@@ -1,0 +1,274 @@
+"""Named databases from the environment, pooled: the seed's ``core.database``.
+
+A name such as ``rpa_db`` resolves, in the environment named by ``PREFECT_ENVIRONMENT``
+(default ``development``), to ``{ENV}_GLOBAL_RPA_DB_CONNECTION_STRING`` and then to
+``RPA_DB_CONNECTION_STRING``; ``{ENV}_GLOBAL_RPA_DB_TYPE`` gives its type. The queue
+database is PostgreSQL through psycopg 3; source databases may be any SQLAlchemy URL.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
+
+POSTGRES_TYPES = {"postgresql", "postgres"}
+_URL_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)(\S+)", re.IGNORECASE)
+
+
+def environment() -> str:
+    return os.environ.get("PREFECT_ENVIRONMENT", "development").strip() or "development"
+
+
+def env_name(*parts: str) -> str:
+    """``env_name("development", "rpa_db", "type")`` -> ``DEVELOPMENT_RPA_DB_TYPE``."""
+    return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_").upper() for p in parts)
+
+
+def redact(text: str) -> str:
+    """Strip passwords from anything that may hold a connection string."""
+    return _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
+
+
+def describe_dsn(dsn: str) -> str:
+    """``host:port/dbname`` of a DSN, for messages; never the password."""
+    try:
+        info = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "an unparsable connection string"
+    host = info.get("host") or info.get("hostaddr") or "localhost"
+    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """(connection string, type) for a database name, or a DatabaseConfigError naming both
+    environment variables that were tried."""
+    env = environment()
+    tried = [
+        env_name(env, "global", name, "connection_string"),
+        env_name(name, "connection_string"),
+    ]
+    dsn = next((os.environ[v] for v in tried if os.environ.get(v)), None)
+    if dsn is None:
+        raise DatabaseConfigError(
+            f"database {name!r} is not configured: set {tried[0]} or {tried[1]}"
+        )
+    db_type = os.environ.get(env_name(env, "global", name, "type")) or _type_of(dsn)
+    return dsn, db_type.lower()
+
+
+def _type_of(dsn: str) -> str:
+    scheme = dsn.split("://", 1)[0].split("+", 1)[0] if "://" in dsn else "postgresql"
+    return "postgresql" if scheme in POSTGRES_TYPES else scheme
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    # Queue timestamps are TIMESTAMP (the seed's type) compared with LOCALTIMESTAMP, so
+    # every session must agree on one zone or leases would drift by the zone offset.
+    conn.execute("SET TIME ZONE 'UTC'")
+
+
+class _Registry:
+    """One pool per database name per process, shared by every DatabaseManager."""
+
+    lock = threading.Lock()
+    pools: dict[str, ConnectionPool] = {}
+    engines: dict[str, Any] = {}
+
+
+class DatabaseManager:
+    """A named database with a connection pool.
+
+    ``DatabaseManager("rpa_db")`` reads its connection string from the environment;
+    ``DatabaseManager("queue", connection_string=dsn)`` takes one directly.
+    """
+
+    def __init__(
+        self,
+        name: str = "rpa_db",
+        *,
+        connection_string: str | None = None,
+        db_type: str | None = None,
+        pool_max_size: int | None = None,
+    ) -> None:
+        if not name or not name.strip():
+            raise DatabaseConfigError("a database name is required")
+        self.name = name
+        if connection_string is None:
+            connection_string, resolved_type = resolve(name)
+        else:
+            resolved_type = _type_of(connection_string)
+        self._dsn = connection_string
+        self.db_type = (db_type or resolved_type).lower()
+        self.pool_max_size = pool_max_size or int(
+            os.environ.get(env_name(environment(), "global", name, "pool_max_size"), "10")
+        )
+
+    def __repr__(self) -> str:
+        return f"DatabaseManager({self.name!r}, {self.location}, type={self.db_type})"
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.db_type in POSTGRES_TYPES
+
+    @property
+    def location(self) -> str:
+        return describe_dsn(self._dsn) if self.is_postgres else redact(self._dsn)
+
+    @property
+    def dsn(self) -> str:
+        """The connection string itself: for drivers, never for messages or logs."""
+        return self._dsn
+
+    # -- PostgreSQL -------------------------------------------------------------------
+
+    @property
+    def pool(self) -> ConnectionPool:
+        if not self.is_postgres:
+            raise DatabaseConfigError(f"database {self.name!r} is {self.db_type}, not PostgreSQL")
+        key = f"{self.name}\0{self._dsn}"
+        with _Registry.lock:
+            pool = _Registry.pools.get(key)
+            if pool is None:
+                pool = ConnectionPool(
+                    self._dsn,
+                    min_size=1,
+                    max_size=max(1, self.pool_max_size),
+                    kwargs={"autocommit": True},
+                    configure=_configure,
+                    name=self.name,
+                    open=False,
+                    timeout=30.0,
+                )
+                pool.open(wait=False)
+                _Registry.pools[key] = pool
+        return pool
+
+    @contextmanager
+    def connection(self, timeout: float = 10.0) -> Iterator[psycopg.Connection]:
+        """A pooled autocommit connection; a DatabaseUnavailableError if none can be had."""
+        try:
+            with self.pool.connection(timeout=timeout) as conn:
+                yield conn
+        except PoolTimeout as exc:
+            raise self.unavailable(self._probe_error() or exc) from None
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from None
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection:
+        """A dedicated connection outside the pool (LISTEN, long-lived worker loops)."""
+        try:
+            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from None
+        _configure(conn)
+        return conn
+
+    def unavailable(self, cause: object) -> DatabaseUnavailableError:
+        reason = redact(str(cause).strip().splitlines()[0] if str(cause).strip() else "")
+        return DatabaseUnavailableError(
+            f"cannot reach database {self.name!r} at {self.location}: {reason or 'no answer'}"
+        )
+
+    def _probe_error(self) -> str | None:
+        """Why the pool has no connection: one direct attempt says what the pool swallowed."""
+        try:
+            psycopg.connect(self._dsn, connect_timeout=3).close()
+        except psycopg.Error as exc:
+            return str(exc)
+        return None
+
+    # -- Any database -----------------------------------------------------------------
+
+    def execute_query(
+        self, db_name: str | None, query: str, params: Sequence[Any] | dict[str, Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on ``db_name`` (the seed passes its own name) and return its
+        rows as tuples; statements without a result return ``[]``."""
+        target = self if db_name in (None, self.name) else DatabaseManager(db_name)
+        return target._execute(query, params)
+
+    def _execute(
+        self, query: str, params: Sequence[Any] | dict[str, Any] | None
+    ) -> list[tuple[Any, ...]]:
+        if self.is_postgres:
+            with self.connection() as conn, conn.cursor() as cur:
+                cur.execute(query.encode() if params is None else query, params)
+                return [tuple(r) for r in cur.fetchall()] if cur.description else []
+        return self._execute_sqlalchemy(query, params)
+
+    def _engine(self) -> Any:
+        import sqlalchemy
+
+        key = f"{self.name}\0{self._dsn}"
+        with _Registry.lock:
+            engine = _Registry.engines.get(key)
+            if engine is None:
+                engine = sqlalchemy.create_engine(self._dsn, pool_pre_ping=True)
+                _Registry.engines[key] = engine
+        return engine
+
+    def _execute_sqlalchemy(
+        self, query: str, params: Sequence[Any] | dict[str, Any] | None
+    ) -> list[tuple[Any, ...]]:
+        import sqlalchemy
+
+        try:
+            with self._engine().begin() as conn:
+                result = conn.exec_driver_sql(query, params if params is not None else ())
+                return [tuple(r) for r in result.fetchall()] if result.returns_rows else []
+        except sqlalchemy.exc.OperationalError as exc:
+            raise self.unavailable(exc.orig or exc) from None
+
+    def health_check(self) -> dict[str, Any]:
+        """``{"status": "healthy"|"unhealthy", "latency_ms": …, "type": …}``."""
+        started = time.perf_counter()
+        try:
+            if self.is_postgres:
+                with self.connection(timeout=5.0) as conn:
+                    conn.execute("SELECT 1")
+            else:
+                self._execute_sqlalchemy("SELECT 1", None)
+        except DatabaseUnavailableError as exc:
+            return {"status": "unhealthy", "type": self.db_type, "error": str(exc)}
+        latency = (time.perf_counter() - started) * 1000
+        return {"status": "healthy", "type": self.db_type, "latency_ms": round(latency, 2)}
+
+    def pool_stats(self) -> dict[str, Any]:
+        """Pool size and use, for ``connection_pool_monitoring``."""
+        if not self.is_postgres:
+            pool = self._engine().pool
+            size = pool.size() if hasattr(pool, "size") else 0
+            used = pool.checkedout() if hasattr(pool, "checkedout") else 0
+            return {"pool_size": size, "checked_out": used, "max_size": size}
+        stats = self.pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        return {
+            "pool_size": size,
+            "checked_out": max(0, size - idle),
+            "available": idle,
+            "max_size": self.pool.max_size,
+            "requests_waiting": stats.get("requests_waiting", 0),
+        }
+
+    def close(self) -> None:
+        key = f"{self.name}\0{self._dsn}"
+        with _Registry.lock:
+            pool = _Registry.pools.pop(key, None)
+            engine = _Registry.engines.pop(key, None)
+        if pool is not None:
+            pool.close()
+        if engine is not None:
+            engine.dispose()

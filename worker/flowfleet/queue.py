@@ -1,0 +1,358 @@
+"""The queue: one function per named query in ``sql/queries.sql``.
+
+Every function takes an open autocommit psycopg connection, so callers choose pooling and
+transactions; none knows about Prefect or Kubernetes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from flowfleet.errors import InvalidRecordError
+from flowfleet.sql import query
+
+MAX_FLOW_NAME = 100
+# Wake-ups for idle workers go out on one channel with the flow name as payload, so flow
+# names never have to become channel identifiers.
+CHANNEL = "flowfleet_queue"
+
+DedupKey = str | Callable[[Mapping[str, Any]], Any] | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One claimed record. ``claim_token`` must accompany its completion."""
+
+    id: int
+    payload: dict[str, Any]
+    retry_count: int
+    claim_token: int
+    created_at: datetime
+    priority: int
+
+    def as_dict(self, flow_name: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "flow_name": flow_name,
+            "payload": self.payload,
+            "retry_count": self.retry_count,
+            "claim_token": self.claim_token,
+            "created_at": self.created_at,
+            "priority": self.priority,
+        }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int = 3
+    backoff_base: float = 1.0  # seconds before the first retry, doubled on each one
+    backoff_cap: float = 300.0
+
+
+def check_flow_name(flow_name: str) -> str:
+    if not isinstance(flow_name, str) or not flow_name.strip():
+        raise InvalidRecordError("flow name must be a non-empty string")
+    if len(flow_name) > MAX_FLOW_NAME:
+        raise InvalidRecordError(f"flow name is longer than {MAX_FLOW_NAME} characters")
+    if any(ch in flow_name for ch in "\0\t\n\r"):
+        raise InvalidRecordError("flow name must not hold control characters")
+    return flow_name
+
+
+def _copy_escape(text: str) -> str:
+    # COPY text format: backslash is the escape; json.dumps never emits raw tabs/newlines.
+    return text.replace("\\", "\\\\")
+
+
+def _copy_field(value: str | None) -> str:
+    if value is None:
+        return "\\N"
+    return (
+        value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    )
+
+
+def _dedup_of(record: Mapping[str, Any], dedup_key: DedupKey) -> str | None:
+    if dedup_key is None:
+        return None
+    value = dedup_key(record) if callable(dedup_key) else record.get(dedup_key)
+    return None if value is None else str(value)
+
+
+def encode_records(
+    records: Iterable[Any], dedup_key: DedupKey = None
+) -> list[tuple[str, str | None]]:
+    """Validate and serialise every record before anything is written, so one bad record
+    rejects the whole call and nothing is enqueued. Errors name the record's position."""
+    encoded: list[tuple[str, str | None]] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            raise InvalidRecordError(
+                f"record {index}: payload must be a JSON object, got {type(record).__name__}"
+            )
+        try:
+            text = json.dumps(record, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRecordError(f"record {index}: not JSON-serialisable: {exc}") from None
+        if "\\u0000" in text:
+            raise InvalidRecordError(f"record {index}: PostgreSQL JSON cannot hold NUL (\\u0000)")
+        encoded.append((text, _dedup_of(record, dedup_key)))
+    return encoded
+
+
+def enqueue(
+    conn: psycopg.Connection,
+    flow_name: str,
+    records: Iterable[Any],
+    *,
+    priority: int = 0,
+    delay_seconds: float = 0.0,
+    dedup_key: DedupKey = None,
+) -> int:
+    """Bulk-insert records through COPY in one transaction and wake idle workers.
+
+    Returns the number enqueued (with ``dedup_key``, keys already live are skipped).
+    """
+    check_flow_name(flow_name)
+    rows = encode_records(records, dedup_key)
+    if not rows:
+        return 0
+    flow = _copy_escape(flow_name)
+    with conn.transaction():
+        if dedup_key is None and delay_seconds == 0 and priority == 0:
+            # The common case rides on column defaults: the least bytes on the wire.
+            with conn.cursor().copy("COPY processing_queue (flow_name, payload) FROM STDIN") as cp:
+                cp.write("".join(f"{flow}\t{_copy_escape(text)}\n" for text, _ in rows))
+            count = len(rows)
+        else:
+            count = _enqueue_staged(conn, flow, rows, priority, delay_seconds)
+        conn.execute(query("notify"), {"flow_name": flow_name})
+    return count
+
+
+def _enqueue_staged(
+    conn: psycopg.Connection,
+    flow: str,
+    rows: Sequence[tuple[str, str | None]],
+    priority: int,
+    delay_seconds: float,
+) -> int:
+    conn.execute(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS flowfleet_staging ("
+        " flow_name text, payload jsonb, priority smallint, available_at timestamp,"
+        " dedup_key text) ON COMMIT DELETE ROWS"
+    )
+    available = conn.execute(
+        "SELECT LOCALTIMESTAMP + make_interval(secs => %s::float8)", (delay_seconds,)
+    ).fetchone()
+    assert available is not None
+    stamp = available[0].isoformat()
+    with conn.cursor().copy("COPY flowfleet_staging FROM STDIN") as cp:
+        cp.write(
+            "".join(
+                f"{flow}\t{_copy_escape(text)}\t{priority}\t{stamp}\t{_copy_field(key)}\n"
+                for text, key in rows
+            )
+        )
+    cur = conn.execute(query("enqueue_from_staging"))
+    return cur.rowcount
+
+
+def _claimed(rows: list[tuple[Any, ...]]) -> list[Claimed]:
+    return [Claimed(*row) for row in rows]
+
+
+def claim(
+    conn: psycopg.Connection,
+    flow_name: str,
+    instance_id: str,
+    batch_size: int,
+    lease_seconds: float,
+) -> list[Claimed]:
+    cur = conn.execute(
+        query("claim"),
+        {
+            "flow_name": flow_name,
+            "instance_id": instance_id,
+            "batch_size": batch_size,
+            "lease_seconds": lease_seconds,
+        },
+    )
+    return _claimed(cur.fetchall())
+
+
+def complete_and_claim(
+    conn: psycopg.Connection,
+    done: Sequence[Claimed],
+    flow_name: str,
+    instance_id: str,
+    batch_size: int,
+    lease_seconds: float,
+) -> list[Claimed]:
+    """Complete ``done`` and claim the next batch in one statement and one commit."""
+    cur = conn.execute(
+        query("complete_and_claim"),
+        {
+            "done_ids": [r.id for r in done],
+            "done_tokens": [r.claim_token for r in done],
+            "flow_name": flow_name,
+            "instance_id": instance_id,
+            "batch_size": batch_size,
+            "lease_seconds": lease_seconds,
+        },
+    )
+    return _claimed(cur.fetchall())
+
+
+def complete(
+    conn: psycopg.Connection,
+    done: Sequence[Claimed] | Sequence[tuple[int, int]],
+    results: Sequence[Any] | None = None,
+) -> list[int]:
+    """Complete records (``Claimed`` or ``(id, claim_token)``); returns the ids that were
+    still ours. A record taken back since its claim is absent from the answer."""
+    pairs = [(r.id, r.claim_token) if isinstance(r, Claimed) else r for r in done]
+    if not pairs:
+        return []
+    out = results if results is not None else [None] * len(pairs)
+    cur = conn.execute(
+        query("complete"),
+        {
+            "ids": [p[0] for p in pairs],
+            "tokens": [p[1] for p in pairs],
+            "results": [None if r is None else Jsonb(r) for r in out],
+        },
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def complete_by_instance(
+    conn: psycopg.Connection, record_id: int, instance_id: str, result: Any = None
+) -> bool:
+    cur = conn.execute(
+        query("complete_by_instance"),
+        {
+            "id": record_id,
+            "instance_id": instance_id,
+            "result": None if result is None else Jsonb(result),
+        },
+    )
+    return cur.fetchone() is not None
+
+
+def fail(
+    conn: psycopg.Connection,
+    record_id: int,
+    token: int | None,
+    error_message: str,
+    *,
+    instance_id: str | None = None,
+    error_details: str | None = None,
+    policy: RetryPolicy = RetryPolicy(),
+) -> str | None:
+    """Retry the record later or, with retries spent, fail it. Returns its new status
+    (``pending`` or ``failed``), or None when the claim was no longer ours."""
+    row = conn.execute(
+        query("fail"),
+        {
+            "id": record_id,
+            "token": token,
+            "instance_id": instance_id,
+            "error_message": error_message,
+            "error_details": error_details,
+            "max_retries": policy.max_retries,
+            "backoff_base": policy.backoff_base,
+            "backoff_cap": policy.backoff_cap,
+        },
+    ).fetchone()
+    return None if row is None else str(row[1])
+
+
+def release(conn: psycopg.Connection, records: Sequence[Claimed]) -> list[int]:
+    """Hand records back to the queue untouched; retries are not spent."""
+    if not records:
+        return []
+    cur = conn.execute(
+        query("release"),
+        {"ids": [r.id for r in records], "tokens": [r.claim_token for r in records]},
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_seconds: float) -> int:
+    """Extend the lease of records still ours; returns how many were."""
+    if not records:
+        return 0
+    cur = conn.execute(
+        query("heartbeat"),
+        {
+            "ids": [r.id for r in records],
+            "tokens": [r.claim_token for r in records],
+            "lease_seconds": lease_seconds,
+        },
+    )
+    return len(cur.fetchall())
+
+
+def release_orphans(
+    conn: psycopg.Connection, timeout_seconds: float, flow_name: str | None = None
+) -> list[int]:
+    """Return records of dead claimers (lease expired, or claimed longer ago than
+    ``timeout_seconds``) to the queue without spending a retry."""
+    cur = conn.execute(
+        query("release_orphans"), {"timeout_seconds": timeout_seconds, "flow_name": flow_name}
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+_COUNTS = ("pending_records", "processing_records", "completed_records", "failed_records")
+
+
+def stats(conn: psycopg.Connection, flow_name: str | None = None) -> dict[str, dict[str, int]]:
+    """Per-flow counts: ``{flow: {pending_records, processing_records, completed_records,
+    failed_records, ready_records}}``; ``ready_records`` excludes those waiting out a delay."""
+    params = {"flow_name": flow_name}
+    flows: dict[str, dict[str, int]] = {}
+    with conn.cursor(row_factory=dict_row) as cur:
+        for row in cur.execute(query("stats_by_flow"), params):
+            name = row.pop("flow_name")
+            flows[name] = {k: int(v) for k, v in row.items()}
+        for row in cur.execute(query("completed_by_flow"), params):
+            counts = flows.setdefault(
+                row["flow_name"], dict.fromkeys((*_COUNTS, "ready_records"), 0)
+            )
+            counts["completed_records"] = int(row["completed_records"])
+    for counts in flows.values():
+        counts.setdefault("completed_records", 0)
+    return flows
+
+
+def cleanup_completed(conn: psycopg.Connection, older_than_seconds: float) -> int:
+    return conn.execute(
+        query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
+    ).rowcount
+
+
+def requeue_failed(
+    conn: psycopg.Connection, flow_name: str, ids: Sequence[int] | None = None
+) -> list[int]:
+    cur = conn.execute(
+        query("requeue_failed"), {"flow_name": flow_name, "ids": list(ids) if ids else None}
+    )
+    requeued = [row[0] for row in cur.fetchall()]
+    if requeued:
+        conn.execute(query("notify"), {"flow_name": flow_name})
+    return requeued
+
+
+def performance(conn: psycopg.Connection, window_seconds: float) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query("performance"), {"window_seconds": window_seconds}))

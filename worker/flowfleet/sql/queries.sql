@@ -1,0 +1,193 @@
+-- Every statement flowfleet runs, by name. Python refers to them by the name after
+-- "-- name:"; only identifiers are ever composed, and none of these needs one.
+
+-- name: claim
+-- One statement: pick, lock and stamp. SKIP LOCKED lets concurrent claimers pass each
+-- other's locked rows instead of queueing behind them; the token fences completions.
+WITH token AS (SELECT nextval('processing_queue_claim_token_seq') AS value),
+picked AS (
+    SELECT id FROM processing_queue
+     WHERE flow_name = %(flow_name)s AND status = 'pending' AND available_at <= LOCALTIMESTAMP
+     ORDER BY priority DESC, id
+     LIMIT %(batch_size)s
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE processing_queue q
+   SET status = 'processing', flow_instance_id = %(instance_id)s,
+       claimed_at = LOCALTIMESTAMP, updated_at = LOCALTIMESTAMP,
+       lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s),
+       claim_token = (SELECT value FROM token)
+  FROM picked
+ WHERE q.id = picked.id
+RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priority;
+
+-- name: complete_and_claim
+-- The worker's steady state: finish the last batch and take the next in one round trip
+-- and one commit. Completed rows leave the live queue for processing_history.
+WITH done AS (
+    DELETE FROM processing_queue q
+     USING unnest(%(done_ids)s::bigint[], %(done_tokens)s::bigint[]) AS d(id, token)
+     WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
+    RETURNING q.*
+), archived AS (
+    INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id,
+                                    claimed_at, completed_at, error_message, retry_count,
+                                    created_at, updated_at, priority, dedup_key)
+    SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
+           error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key
+      FROM done
+), token AS (SELECT nextval('processing_queue_claim_token_seq') AS value),
+picked AS (
+    SELECT id FROM processing_queue
+     WHERE flow_name = %(flow_name)s AND status = 'pending' AND available_at <= LOCALTIMESTAMP
+     ORDER BY priority DESC, id
+     LIMIT %(batch_size)s
+     FOR UPDATE SKIP LOCKED
+)
+UPDATE processing_queue q
+   SET status = 'processing', flow_instance_id = %(instance_id)s,
+       claimed_at = LOCALTIMESTAMP, updated_at = LOCALTIMESTAMP,
+       lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s),
+       claim_token = (SELECT value FROM token)
+  FROM picked
+ WHERE q.id = picked.id
+RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priority;
+
+-- name: complete
+-- Fenced: a row whose token changed (taken back, re-claimed) is not touched.
+WITH done AS (
+    DELETE FROM processing_queue q
+     USING unnest(%(ids)s::bigint[], %(tokens)s::bigint[], %(results)s::jsonb[])
+           AS d(id, token, result)
+     WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
+    RETURNING q.*, d.result
+)
+INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
+                                completed_at, error_message, retry_count, created_at,
+                                updated_at, priority, dedup_key, result)
+SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
+       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result
+  FROM done
+RETURNING id;
+
+-- name: complete_by_instance
+-- For callers that lost the token (the seed's mark_record_completed(id) from a fresh
+-- processor): still fenced, by the claimer's instance id and the in-flight status.
+WITH done AS (
+    DELETE FROM processing_queue q
+     WHERE q.id = %(id)s AND q.flow_instance_id = %(instance_id)s AND q.status = 'processing'
+    RETURNING q.*
+)
+INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
+                                completed_at, error_message, retry_count, created_at,
+                                updated_at, priority, dedup_key, result)
+SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
+       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
+       %(result)s::jsonb
+  FROM done
+RETURNING id;
+
+-- name: fail
+-- Retry with exponential backoff and jitter while retries remain, else fail for good.
+-- The jitter spreads a burst of failures so their retries do not land together.
+UPDATE processing_queue
+   SET status = CASE WHEN retry_count < %(max_retries)s THEN 'pending' ELSE 'failed' END,
+       retry_count = CASE WHEN retry_count < %(max_retries)s THEN retry_count + 1
+                          ELSE retry_count END,
+       available_at = LOCALTIMESTAMP + make_interval(secs =>
+           LEAST(%(backoff_cap)s::float8, %(backoff_base)s::float8 * power(2, retry_count))
+           * (0.5 + random() / 2)),
+       error_message = %(error_message)s,
+       error_details = %(error_details)s,
+       flow_instance_id = CASE WHEN retry_count < %(max_retries)s THEN NULL
+                               ELSE flow_instance_id END,
+       claim_token = NULL, lease_expires_at = NULL,
+       updated_at = LOCALTIMESTAMP
+ WHERE id = %(id)s AND status = 'processing'
+   AND (claim_token = %(token)s
+        OR (%(token)s::bigint IS NULL AND flow_instance_id = %(instance_id)s))
+RETURNING id, status, retry_count;
+
+-- name: release
+-- Hand claimed records back untouched (graceful shutdown): no retry is spent.
+UPDATE processing_queue q
+   SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
+       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+ WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
+RETURNING q.id;
+
+-- name: heartbeat
+UPDATE processing_queue q
+   SET lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s)
+  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+ WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
+RETURNING q.id;
+
+-- name: release_orphans
+-- Records whose claimer stopped renewing its lease, or (the seed's timeout) claimed too
+-- long ago, go back to pending with their retry count unchanged: the worker died, the
+-- record did not fail. Clearing the token fences the dead claimer's late answer.
+UPDATE processing_queue
+   SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
+       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+ WHERE status = 'processing'
+   AND (lease_expires_at < LOCALTIMESTAMP
+        OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
+   AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
+RETURNING id;
+
+-- name: stats_by_flow
+SELECT flow_name,
+       count(*) FILTER (WHERE status = 'pending') AS pending_records,
+       count(*) FILTER (WHERE status = 'processing') AS processing_records,
+       count(*) FILTER (WHERE status = 'failed') AS failed_records,
+       count(*) FILTER (WHERE status = 'pending' AND available_at <= LOCALTIMESTAMP)
+           AS ready_records
+  FROM processing_queue
+ WHERE %(flow_name)s::text IS NULL OR flow_name = %(flow_name)s
+ GROUP BY flow_name;
+
+-- name: completed_by_flow
+SELECT flow_name, count(*) AS completed_records
+  FROM processing_history
+ WHERE %(flow_name)s::text IS NULL OR flow_name = %(flow_name)s
+ GROUP BY flow_name;
+
+-- name: cleanup_completed
+DELETE FROM processing_history
+ WHERE completed_at < LOCALTIMESTAMP - make_interval(secs => %(older_than_seconds)s::float8);
+
+-- name: requeue_failed
+UPDATE processing_queue
+   SET status = 'pending', retry_count = 0, available_at = LOCALTIMESTAMP,
+       flow_instance_id = NULL, claim_token = NULL, lease_expires_at = NULL,
+       claimed_at = NULL, updated_at = LOCALTIMESTAMP
+ WHERE status = 'failed' AND flow_name = %(flow_name)s
+   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
+RETURNING id;
+
+-- name: enqueue_from_staging
+-- Dedup path: COPY lands in a temporary table, then one INSERT drops keys already live.
+INSERT INTO processing_queue (flow_name, payload, priority, available_at, dedup_key)
+SELECT flow_name, payload, priority, available_at, dedup_key FROM flowfleet_staging
+ON CONFLICT (flow_name, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING;
+
+-- name: notify
+SELECT pg_notify('flowfleet_queue', %(flow_name)s);
+
+-- name: performance
+SELECT flow_name,
+       count(*) FILTER (WHERE status = 'completed') AS completed,
+       count(*) FILTER (WHERE status = 'failed') AS failed,
+       count(*) FILTER (WHERE status IN ('pending', 'processing')) AS in_progress,
+       avg(EXTRACT(EPOCH FROM (completed_at - claimed_at)))
+           FILTER (WHERE status = 'completed') AS avg_processing_seconds,
+       min(claimed_at) AS first_claimed_at,
+       max(completed_at) AS last_completed_at
+  FROM processing_records
+ WHERE updated_at > LOCALTIMESTAMP - make_interval(secs => %(window_seconds)s::float8)
+ GROUP BY flow_name;
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM flowfleet_migrations;
