@@ -262,6 +262,77 @@ def health(
         raise typer.Exit(1)
 
 
+@app.command()
+def requeue(
+    flow: Annotated[str, typer.Argument(help="Flow whose failed records go back.")],
+    ids: Annotated[list[int] | None, typer.Option("--id", help="A failed record id.")] = None,
+    all_failed: Annotated[bool, typer.Option("--all-failed", help="Every failed record.")] = False,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Put failed records back in the queue with their retries reset."""
+    from flowfleet import queue
+
+    if not ids and not all_failed:
+        fail("say which records: --id ID (repeatable) or --all-failed", 2)
+    with user_errors():
+        with database(dsn, db).connection() as conn:
+            requeued = queue.requeue_failed(conn, flow, ids if not all_failed else None)
+    typer.echo(f"requeued {len(requeued)} failed records of {flow}")
+
+
+@app.command()
+def worker(
+    flow: Annotated[str, typer.Argument(help="Flow whose records this worker processes.")],
+    entrypoint: Annotated[
+        str | None, typer.Option(help="Record processor as module:function.")
+    ] = None,
+    runner: Annotated[str | None, typer.Option(help="prefect (default) or plain.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Records per claim (default 50).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Claim loops in this process.")] = None,
+    lease_seconds: Annotated[float | None, typer.Option(help="Claim lease, renewed.")] = None,
+    grace_seconds: Annotated[float | None, typer.Option(help="Drain time on SIGTERM.")] = None,
+    poll_seconds: Annotated[float | None, typer.Option(help="Poll when no NOTIFY comes.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="Health/metrics port; 0 = off.")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries before failed.")] = None,
+    exit_when_empty: Annotated[
+        bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
+    ] = False,
+    log_format: Annotated[str, typer.Option(help="auto, json or text.")] = "auto",
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Claim and process a flow's records until SIGTERM; every option also reads from
+    the flow's settings (e.g. DEVELOPMENT_<FLOW>_DISTRIBUTED_BATCH_SIZE)."""
+    from flowfleet import entrypoint as entrypoints
+    from flowfleet import logs
+    from flowfleet.identity import instance_id
+    from flowfleet.settings import load_settings
+    from flowfleet.worker import Worker
+
+    with user_errors():
+        settings = load_settings(
+            flow,
+            {
+                "entrypoint": entrypoint,
+                "runner": runner,
+                "batch_size": batch_size,
+                "concurrency": concurrency,
+                "lease_seconds": lease_seconds,
+                "grace_seconds": grace_seconds,
+                "poll_seconds": poll_seconds,
+                "http_port": http_port,
+                "max_retries": max_retries,
+                "exit_when_empty": exit_when_empty,
+            },
+        )
+        processor = entrypoints.load(settings.entrypoint)
+        me = instance_id()
+        logs.configure(flow, me, log_format)
+        code = Worker(settings, database(dsn, db), processor, me).run()
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,107 @@
+"""Running one claimed batch through the user's processor, one record at a time.
+
+Shared by both runners. A record that raises is retried or failed on its own; the rest of
+the batch goes on. Completions of plain records are left to the caller, which commits
+them together with its next claim; a processor that takes ``conn`` gets the transaction
+in which its record's completion commits, so its writes take effect exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from flowfleet import queue
+from flowfleet.entrypoint import Processor
+
+log = logging.getLogger("flowfleet.batch")
+
+
+class _Fenced(Exception):
+    """The record's claim was taken back: roll its transaction back."""
+
+
+@dataclass
+class BatchOutcome:
+    claimed: int = 0
+    completed: list[queue.Claimed] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+    committed: int = 0  # completed inside the processor's own transaction
+    retried: int = 0
+    failed: int = 0
+    fenced: int = 0
+    unprocessed: list[queue.Claimed] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "claimed": self.claimed,
+            "completed": len(self.completed) + self.committed,
+            "retried": self.retried,
+            "failed": self.failed,
+            "fenced": self.fenced,
+            "released": len(self.unprocessed),
+        }
+
+
+def run_batch(
+    conn: psycopg.Connection,
+    records: Sequence[queue.Claimed],
+    processor: Processor,
+    policy: queue.RetryPolicy,
+    *,
+    call: Callable[..., Any] | None = None,
+    should_continue: Callable[[], bool] = lambda: True,
+    instance_id: str | None = None,
+) -> BatchOutcome:
+    """Process ``records``; stop starting new ones once ``should_continue()`` is false and
+    report those as ``unprocessed`` for the caller to release."""
+    invoke = call or processor.fn
+    outcome = BatchOutcome(claimed=len(records))
+    for index, record in enumerate(records):
+        if not should_continue():
+            outcome.unprocessed.extend(records[index:])
+            break
+        try:
+            if processor.takes_conn:
+                with conn.transaction():
+                    result = invoke(record.payload, conn=conn)
+                    if not queue.complete(conn, [record], [result]):
+                        raise _Fenced
+                outcome.committed += 1
+            else:
+                outcome.results.append(invoke(record.payload))
+                outcome.completed.append(record)
+        except _Fenced:
+            outcome.fenced += 1
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"[:2000]
+            status = queue.fail(
+                conn,
+                record.id,
+                record.claim_token,
+                message,
+                error_details=traceback.format_exc()[-8000:],
+                policy=policy,
+                instance_id=instance_id,
+            )
+            if status == "pending":
+                outcome.retried += 1
+            elif status == "failed":
+                outcome.failed += 1
+                log.warning("record %s failed for good: %s", record.id, message)
+            else:
+                outcome.fenced += 1
+    return outcome
+
+
+def finish(conn: psycopg.Connection, outcome: BatchOutcome) -> list[int]:
+    """Commit the batch's pending completions (with results when any were returned)."""
+    if not outcome.completed:
+        return []
+    results = outcome.results if any(r is not None for r in outcome.results) else None
+    return queue.complete(conn, outcome.completed, results)

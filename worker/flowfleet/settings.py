@@ -1,0 +1,88 @@
+"""The worker's settings: command-line options first, then ConfigManager env names.
+
+Each setting of flow ``survey_processor`` in environment ``development`` is read, when no
+option gives it, from ``DEVELOPMENT_SURVEY_PROCESSOR_<KEY>``, then
+``DEVELOPMENT_GLOBAL_<KEY>``, then ``GLOBAL_<KEY>``; keys are listed in ``ENV_KEYS``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from flowfleet.config import ConfigManager
+from flowfleet.errors import FlowfleetError
+
+ENV_KEYS = {
+    "entrypoint": "entrypoint",
+    "runner": "worker_runner",
+    "batch_size": "distributed_batch_size",
+    "concurrency": "worker_concurrency",
+    "lease_seconds": "worker_lease_seconds",
+    "grace_seconds": "worker_grace_seconds",
+    "poll_seconds": "worker_poll_seconds",
+    "http_port": "worker_http_port",
+    "flow_run_seconds": "worker_flow_run_seconds",
+    "max_retries": "max_retries",
+    "retry_backoff_seconds": "retry_backoff_seconds",
+    "retry_backoff_max_seconds": "retry_backoff_max_seconds",
+    "cleanup_timeout_hours": "cleanup_timeout_hours",
+}
+
+
+class WorkerSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    flow_name: str = Field(min_length=1, max_length=100)
+    entrypoint: str = Field(min_length=3)
+    runner: Literal["prefect", "plain"] = "prefect"
+    batch_size: int = Field(50, ge=1, le=10_000)
+    concurrency: int = Field(1, ge=1, le=256)
+    lease_seconds: float = Field(30.0, gt=0)
+    # Kubernetes kills a pod 30 s after SIGTERM by default; finish before that.
+    grace_seconds: float = Field(25.0, ge=0)
+    poll_seconds: float = Field(5.0, gt=0)
+    http_port: int = Field(8080, ge=0, le=65535)
+    flow_run_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    retry_backoff_seconds: float = Field(1.0, ge=0)
+    retry_backoff_max_seconds: float = Field(300.0, ge=0)
+    cleanup_timeout_hours: float = Field(2.0, gt=0)
+    exit_when_empty: bool = False
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        # Three renewals per lease: one lost round trip never lets a live claim expire.
+        return self.lease_seconds / 3
+
+
+def load_settings(flow_name: str, options: dict[str, Any]) -> WorkerSettings:
+    """Merge options (None = not given) with the environment and validate; a bad value
+    raises a FlowfleetError naming the setting."""
+    flow_config = ConfigManager(flow_name)
+    shared = ConfigManager("distributed_processor")
+    defaults = WorkerSettings.model_fields
+    values: dict[str, Any] = {"flow_name": flow_name}
+    for field, key in ENV_KEYS.items():
+        given = options.get(field)
+        if given is not None:
+            values[field] = given
+            continue
+        info = defaults[field]
+        # Typed like the default, so "50" arrives as 50; a required one is a string.
+        default = "" if info.is_required() else info.get_default()
+        found = flow_config.get_variable(key, shared.get_variable(key, default))
+        if found != "":
+            values[field] = found
+    values["exit_when_empty"] = bool(options.get("exit_when_empty"))
+    try:
+        return WorkerSettings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        hint = ""
+        if where in ENV_KEYS:
+            variable = flow_config.candidates(ENV_KEYS[where])[0]
+            hint = f" (option --{where.replace('_', '-')} or {variable})"
+        raise FlowfleetError(f"invalid worker setting {where}: {first['msg']}{hint}") from None
