@@ -22,12 +22,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-import pgqueuer_side  # noqa: E402
-
-from flowfleet import queue  # noqa: E402
-from flowfleet.database import DatabaseManager  # noqa: E402
-from flowfleet.distributed import DistributedProcessor  # noqa: E402
+import common
+import pgqueuer_side
+from flowfleet import queue
+from flowfleet.database import DatabaseManager
+from flowfleet.distributed import DistributedProcessor
 
 FLOW = "bench"
 
