@@ -138,11 +138,13 @@ class DistributedProcessor:
         return queue_status(flows, flow_name)
 
     def cleanup_orphaned_records(self, timeout_hours: float | None = None) -> int:
-        """Put back records whose worker stopped renewing its lease or that were claimed
-        more than ``timeout_hours`` ago; returns how many came back. No retry is spent."""
-        hours = self.cleanup_timeout_hours if timeout_hours is None else timeout_hours
+        """Put back records whose claimer stopped renewing its lease and, given
+        ``timeout_hours``, records claimed longer ago than that; returns how many came
+        back. No retry is spent. Claims made through this API last
+        ``cleanup_timeout_hours`` (the seed's ``CLEANUP_TIMEOUT_HOURS``) unless renewed."""
+        seconds = None if timeout_hours is None else timeout_hours * 3600
         with self.queue_db.connection() as conn:
-            return len(queue.release_orphans(conn, hours * 3600))
+            return len(queue.release_orphans(conn, seconds))
 
     def cleanup_completed_records(self, older_than_hours: float = 24 * 7) -> int:
         """Delete completed records older than ``older_than_hours``; returns how many."""

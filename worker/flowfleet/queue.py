@@ -303,10 +303,10 @@ def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_second
 
 
 def release_orphans(
-    conn: psycopg.Connection, timeout_seconds: float, flow_name: str | None = None
+    conn: psycopg.Connection, timeout_seconds: float | None = None, flow_name: str | None = None
 ) -> list[int]:
-    """Return records of dead claimers (lease expired, or claimed longer ago than
-    ``timeout_seconds``) to the queue without spending a retry."""
+    """Return records of dead claimers to the queue without spending a retry: those whose
+    lease expired and, given ``timeout_seconds``, those claimed longer ago than that."""
     cur = conn.execute(
         query("release_orphans"), {"timeout_seconds": timeout_seconds, "flow_name": flow_name}
     )

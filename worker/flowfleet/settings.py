@@ -27,7 +27,6 @@ ENV_KEYS = {
     "max_retries": "max_retries",
     "retry_backoff_seconds": "retry_backoff_seconds",
     "retry_backoff_max_seconds": "retry_backoff_max_seconds",
-    "cleanup_timeout_hours": "cleanup_timeout_hours",
 }
 
 
@@ -48,7 +47,6 @@ class WorkerSettings(BaseModel):
     max_retries: int = Field(3, ge=0)
     retry_backoff_seconds: float = Field(1.0, ge=0)
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
-    cleanup_timeout_hours: float = Field(2.0, gt=0)
     exit_when_empty: bool = False
 
     @property

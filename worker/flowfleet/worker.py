@@ -353,9 +353,7 @@ class Worker:
                     queue.heartbeat(conn, loop.snapshot(), s.lease_seconds)
                 self.keeper_tick = time.monotonic()
                 if time.monotonic() >= next_sweep and not self.stopping.is_set():
-                    released = queue.release_orphans(
-                        conn, s.cleanup_timeout_hours * 3600, s.flow_name
-                    )
+                    released = queue.release_orphans(conn, None, s.flow_name)
                     if released:
                         log.info("returned %d records of dead claimers to the queue", len(released))
                         self.wake.bump()

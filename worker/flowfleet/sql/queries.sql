@@ -125,8 +125,8 @@ UPDATE processing_queue q
 RETURNING q.id;
 
 -- name: release_orphans
--- Records whose claimer stopped renewing its lease, or (the seed's timeout) claimed too
--- long ago, go back to pending with their retry count unchanged: the worker died, the
+-- Records whose claimer stopped renewing its lease, or (given the seed's timeout) claimed
+-- longer ago than it, go back to pending with their retry count unchanged: the worker died, the
 -- record did not fail. Clearing the token fences the dead claimer's late answer.
 UPDATE processing_queue
    SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
@@ -134,6 +134,8 @@ UPDATE processing_queue
  WHERE status = 'processing'
    AND (lease_expires_at < LOCALTIMESTAMP
         OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
+   -- Without a timeout only expired leases count: a record that runs for hours under a
+   -- renewed lease is alive, however old its claim.
    AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
 RETURNING id;
 
