@@ -22,7 +22,9 @@
 #                          go to $FLOWFLEET_CACHE/k8s/<k8s version>/, never the repo
 #   FLOWFLEET_CLUSTER_DIR  state dir: certs, pids, logs, etcd data, kubeconfig
 #                          (default <repo>/.cluster); tests use their own
-#   FLOWFLEET_KUBECTL      force a kubectl binary
+#   FLOWFLEET_KUBECTL      a kubectl binary to use, or `build` to build one from the
+#                          pinned Kubernetes (default: the machine's kubectl when it
+#                          is within one minor version of the server)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,16 +60,32 @@ go_pkg() {
 	esac
 }
 
+# -s -w: no symbol tables (saves ~30% of disk). The -X flags stamp the version
+# as Kubernetes' own build does (hack/lib/version.sh): without them the server
+# reports v0.0.0-master, which kubectl cannot parse for its version-skew logic.
+ldflags() {
+	local minor pkg flags="-s -w"
+	minor="$(echo "$K8S_VERSION" | cut -d. -f2)"
+	for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+		flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+		flags+=" -X $pkg.gitTreeState=clean"
+	done
+	echo "$flags"
+}
+
 build_one() {
 	local name="$1" started
 	[[ -x "$CACHE/$name" ]] && return 0
 	command -v go >/dev/null || die "no Go toolchain on PATH and $CACHE/$name is not cached"
-	log "building $name $K8S_VERSION (a cold build takes minutes on 2 cores) ..."
+	log "building $name for Kubernetes $K8S_VERSION (cold: minutes on 2 cores) ..."
 	started=$SECONDS
 	# -p 2: these machines have two cores; more parallelism only adds memory use.
+	# -mod=readonly: go.mod/go.sum are complete; never rewrite them during a build.
+	# -buildvcs=false: stamping our tiny module's VCS state is useless and fails
+	# in checkouts git does not trust (other owner).
 	# Write to a temp name and rename, so an interrupted build never leaves a
 	# truncated binary that a later run would take as cached.
-	(cd "$HERE" && GOFLAGS=-mod=mod go build -p 2 -trimpath -ldflags='-s -w' \
+	(cd "$HERE" && GOFLAGS="-mod=readonly -buildvcs=false" go build -p 2 -trimpath -ldflags="$(ldflags)" \
 		-o "$CACHE/.$name.tmp" "$(go_pkg "$name")")
 	mv -f "$CACHE/.$name.tmp" "$CACHE/$name"
 	log "built $name in $((SECONDS - started))s"
@@ -80,8 +98,11 @@ cmd_build() {
 	flock 8
 	local name
 	for name in "${COMPONENTS[@]}"; do build_one "$name"; done
-	# kubectl is built only when the machine has none usable with this server.
-	if [[ -z "$(machine_kubectl)" ]]; then build_one kubectl; fi
+	# kubectl is built only when the machine has none usable with this server,
+	# or when asked for (FLOWFLEET_KUBECTL=build: zero version skew).
+	if [[ "${FLOWFLEET_KUBECTL:-}" == build || -z "${FLOWFLEET_KUBECTL:-}$(machine_kubectl)" ]]; then
+		build_one kubectl
+	fi
 	exec 8>&-
 }
 
@@ -98,12 +119,12 @@ machine_kubectl() {
 }
 
 kubectl_path() {
-	if [[ -n "${FLOWFLEET_KUBECTL:-}" ]]; then
+	if [[ -n "${FLOWFLEET_KUBECTL:-}" && "$FLOWFLEET_KUBECTL" != build ]]; then
 		echo "$FLOWFLEET_KUBECTL"
 		return
 	fi
-	local k
-	k="$(machine_kubectl)"
+	local k=""
+	[[ "${FLOWFLEET_KUBECTL:-}" == build ]] || k="$(machine_kubectl)"
 	if [[ -z "$k" ]]; then
 		mkdir -p "$CACHE"
 		(exec 8>"$CACHE/.build.lock" && flock 8 && build_one kubectl) >&2
@@ -121,9 +142,10 @@ running() {
 	[[ -f "$pidfile" ]] || return 1
 	pid="$(cat "$pidfile")"
 	[[ "$pid" =~ ^[0-9]+$ ]] || return 1
-	[[ -r "/proc/$pid/cmdline" ]] || return 1
-	# A zombie still has a /proc entry but an empty cmdline; treat it as gone.
-	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$STATE/" || return 1
+	local cmdline
+	# A zombie still has a /proc entry but an empty cmdline: it counts as gone.
+	cmdline="$({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null)" || return 1
+	[[ "$cmdline" == *"$STATE/"* ]]
 }
 
 stop_one() {
@@ -158,12 +180,13 @@ start() {
 }
 
 free_port() {
-	# A random high port that nothing listens on. The gap between this check
-	# and the bind is a race, but the ports are random and the window short;
-	# `up` fails loudly (and the caller may retry) if it is lost.
+	# A random port that nothing listens on, below the kernel's ephemeral range
+	# (32768+ by default) so no outgoing connection can be holding it. The gap
+	# between this check and the bind is a race, but the ports are random and
+	# the window short; `up` fails loudly (stopping what it started) if lost.
 	local p i
 	for ((i = 0; i < 200; i++)); do
-		p=$((20000 + RANDOM % 30000))
+		p=$((20000 + RANDOM % 12000))
 		[[ " ${USED_PORTS:-} " == *" $p "* ]] && continue
 		if [[ -z "$(ss -Htln "sport = :$p" 2>/dev/null)" ]]; then
 			USED_PORTS="${USED_PORTS:-} $p"
@@ -294,6 +317,9 @@ cmd_up() {
 
 	cmd_build
 
+	# From here on, a failure stops whatever was started (logs stay for a look).
+	trap 'up_failed' EXIT
+
 	local started=$SECONDS
 	local etcd_port etcd_peer_port api_port kcm_port server
 	etcd_port="$(free_port)"
@@ -350,8 +376,17 @@ cmd_up() {
 	wait_for 60 "kube-controller-manager /healthz" \
 		curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz"
 	wait_for 60 "the default service account (controller manager)" kcm_working
+	trap - EXIT
 	log "control plane $K8S_VERSION up in $((SECONDS - started))s; state in $STATE"
 	print_env
+}
+
+up_failed() {
+	local rc=$? c
+	((rc != 0)) || return 0
+	for c in "${COMPONENTS[@]}"; do stop_one "$c" || true; done
+	log "up failed; stopped what was started. Logs: $STATE/*.log"
+	exit "$rc"
 }
 
 cmd_down() {

@@ -31,8 +31,9 @@ BUILD_TIMEOUT_S = 3600
 UP_TIMEOUT_S = 300
 
 
-def cluster_sh(*args: str, env: dict[str, str] | None = None, timeout: float = UP_TIMEOUT_S,
-               check: bool = True) -> subprocess.CompletedProcess[str]:
+def cluster_sh(
+    *args: str, env: dict[str, str] | None = None, timeout: float = UP_TIMEOUT_S, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(CLUSTER_SH), *args],
         env={**os.environ, **(env or {})},
@@ -50,8 +51,9 @@ def binaries_cached() -> bool:
 def skip_reason() -> str | None:
     if shutil.which("go") is None and not binaries_cached():
         cache = cluster_sh("cache-dir", timeout=30).stdout.strip()
-        return (f"no Go toolchain on PATH to build the control plane, and no cached "
-                f"binaries in {cache}")
+        return (
+            f"no Go toolchain on PATH to build the control plane, and no cached binaries in {cache}"
+        )
     return None
 
 
@@ -65,8 +67,12 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.25,
-               what: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    interval: float = 0.25,
+    what: str = "condition",
+) -> Any:
     """Poll predicate until it returns something truthy; return that value."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -78,8 +84,10 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 60, interval: floa
         except Exception as exc:  # keep polling through transient API errors
             last_exc = exc
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f" (last error: {last_exc!r})" if last_exc else ""))
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}"
+                + (f" (last error: {last_exc!r})" if last_exc else "")
+            )
         time.sleep(interval)
 
 
@@ -108,17 +116,28 @@ class ControlPlane:
     def pids(self) -> dict[str, int]:
         return {c: int((self.state_dir / f"{c}.pid").read_text()) for c in COMPONENTS}
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against this cluster; output is text."""
         proc = subprocess.run(
-            [self.kubectl_bin, f"--kubeconfig={self.kubeconfig}",
-             f"--cache-dir={self.state_dir / 'kubectl-cache'}", *args],
-            input=input, capture_output=True, text=True, timeout=timeout, check=False,
+            [
+                self.kubectl_bin,
+                f"--kubeconfig={self.kubeconfig}",
+                f"--cache-dir={self.state_dir / 'kubectl-cache'}",
+                *args,
+            ],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def api_client(self, token: str | None = None) -> Any:
@@ -161,8 +180,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line("e2e: building the Kubernetes control plane "
-                            "(hack/controlplane/cluster.sh build); a cold build takes minutes")
+        reporter.write_line(
+            "e2e: building the Kubernetes control plane "
+            "(hack/controlplane/cluster.sh build); a cold build takes minutes"
+        )
     started = time.monotonic()
     proc = cluster_sh("build", timeout=BUILD_TIMEOUT_S, check=False)
     if proc.returncode != 0:
@@ -180,15 +201,16 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
-    state_dir = tmp_path_factory.mktemp("cluster")
+    state_dir = tmp_path_factory.mktemp("cluster").resolve()  # cluster.sh resolves it too
     env = {"FLOWFLEET_CLUSTER_DIR": str(state_dir)}
     up = cluster_sh("up", env=env, timeout=BUILD_TIMEOUT_S, check=False)
     if up.returncode != 0:
         cluster_sh("down", env=env, check=False)  # whatever half-started
         raise RuntimeError(f"cluster.sh up failed ({up.returncode}):\n{up.stderr[-4000:]}")
     assert up.stdout.strip() == f"export KUBECONFIG={state_dir / 'kubeconfig'}"
-    cp = ControlPlane(state_dir=state_dir,
-                      kubectl_bin=cluster_sh("kubectl-path", env=env).stdout.strip())
+    cp = ControlPlane(
+        state_dir=state_dir, kubectl_bin=cluster_sh("kubectl-path", env=env).stdout.strip()
+    )
     pids = cp.pids()
     try:
         yield cp
@@ -226,8 +248,11 @@ def namespace(control_plane: ControlPlane, api: Any) -> Iterator[str]:
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     # The serviceaccount controller creates `default`; pods cannot be admitted before.
-    wait_until(lambda: core.read_namespaced_service_account("default", name), timeout=60,
-               what=f"service account default in {name}")
+    wait_until(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=60,
+        what=f"service account default in {name}",
+    )
     yield name
     delete_namespace(core, name)
 

@@ -27,16 +27,23 @@ def deployment(name: str, replicas: int) -> Any:
             selector=client.V1LabelSelector(match_labels={**LABELS, "deploy": name}),
             template=client.V1PodTemplateSpec(
                 metadata=client.V1ObjectMeta(labels={**LABELS, "deploy": name}),
-                spec=client.V1PodSpec(containers=[client.V1Container(
-                    name="worker", image="registry.invalid/flowfleet-worker:never-pulled")]),
+                spec=client.V1PodSpec(
+                    containers=[
+                        client.V1Container(
+                            name="worker", image="registry.invalid/flowfleet-worker:never-pulled"
+                        )
+                    ]
+                ),
             ),
         ),
     )
 
 
 def owned_by(obj: Any, owner: Any) -> bool:
-    return any(ref.uid == owner.metadata.uid and ref.controller
-               for ref in obj.metadata.owner_references or [])
+    return any(
+        ref.uid == owner.metadata.uid and ref.controller
+        for ref in obj.metadata.owner_references or []
+    )
 
 
 class Cluster:
@@ -48,12 +55,16 @@ class Cluster:
         self.ns = namespace
 
     def replicasets_of(self, dep: Any) -> list[Any]:
-        return [rs for rs in self.apps.list_namespaced_replica_set(self.ns).items
-                if owned_by(rs, dep)]
+        return [
+            rs for rs in self.apps.list_namespaced_replica_set(self.ns).items if owned_by(rs, dep)
+        ]
 
     def pods_of(self, rs: Any) -> list[Any]:
-        return [p for p in self.core.list_namespaced_pod(self.ns).items
-                if owned_by(p, rs) and p.metadata.deletion_timestamp is None]
+        return [
+            p
+            for p in self.core.list_namespaced_pod(self.ns).items
+            if owned_by(p, rs) and p.metadata.deletion_timestamp is None
+        ]
 
     def wait_for_pods(self, dep: Any, count: int) -> tuple[Any, list[Any]]:
         def ready() -> tuple[Any, list[Any]] | None:
@@ -80,8 +91,15 @@ def test_deployment_creates_replicaset_and_pending_pods(cluster: Cluster) -> Non
         assert pod.spec.node_name is None  # no scheduler, no nodes
         assert pod.spec.service_account_name == "default"
     # The deployment controller reports what it did.
-    got = wait_until(lambda: (d := cluster.apps.read_namespaced_deployment("workers", cluster.ns))
-                     .status.replicas == 2 and d, timeout=60, what="deployment status")
+    got = wait_until(
+        lambda: (
+            (d := cluster.apps.read_namespaced_deployment("workers", cluster.ns)).status.replicas
+            == 2
+            and d
+        ),
+        timeout=60,
+        what="deployment status",
+    )
     assert got.status.observed_generation == got.metadata.generation
     assert (got.status.ready_replicas or 0) == 0
 
@@ -95,7 +113,7 @@ def test_scale_subresource_resizes_replicaset_and_pods(cluster: Cluster) -> None
     assert scale.status.selector  # the selector the HPA and our operator would use
     cluster.apps.patch_namespaced_deployment_scale("scaled", cluster.ns, {"spec": {"replicas": 3}})
     assert cluster.apps.read_namespaced_deployment("scaled", cluster.ns).spec.replicas == 3
-    rs3, pods = cluster.wait_for_pods(dep, 3)
+    rs3, _ = cluster.wait_for_pods(dep, 3)
     assert rs3.metadata.uid == rs.metadata.uid  # same ReplicaSet, resized, not replaced
 
     cluster.apps.patch_namespaced_deployment_scale("scaled", cluster.ns, {"spec": {"replicas": 1}})
@@ -103,8 +121,9 @@ def test_scale_subresource_resizes_replicaset_and_pods(cluster: Cluster) -> None
 
 
 @pytest.mark.parametrize("propagation", ["Background", "Foreground"])
-def test_deleting_deployment_garbage_collects_dependents(cluster: Cluster,
-                                                         propagation: str) -> None:
+def test_deleting_deployment_garbage_collects_dependents(
+    cluster: Cluster, propagation: str
+) -> None:
     from kubernetes import client
     from kubernetes.client.rest import ApiException
 
@@ -113,7 +132,8 @@ def test_deleting_deployment_garbage_collects_dependents(cluster: Cluster,
     rs, pods = cluster.wait_for_pods(dep, 2)
 
     cluster.apps.delete_namespaced_deployment(
-        name, cluster.ns, body=client.V1DeleteOptions(propagation_policy=propagation))
+        name, cluster.ns, body=client.V1DeleteOptions(propagation_policy=propagation)
+    )
     if propagation == "Foreground":
         # The owner stays, marked for deletion, until the collector removed its dependents.
         try:
@@ -124,11 +144,16 @@ def test_deleting_deployment_garbage_collects_dependents(cluster: Cluster,
             assert exc.status == 404
 
     def gone() -> bool:
-        rs_uids = {r.metadata.uid for r in cluster.apps.list_namespaced_replica_set(cluster.ns).items}
+        rs_uids = {
+            r.metadata.uid for r in cluster.apps.list_namespaced_replica_set(cluster.ns).items
+        }
         pod_uids = {p.metadata.uid for p in cluster.core.list_namespaced_pod(cluster.ns).items}
         deps = {d.metadata.name for d in cluster.apps.list_namespaced_deployment(cluster.ns).items}
-        return (rs.metadata.uid not in rs_uids and name not in deps
-                and not {p.metadata.uid for p in pods} & pod_uids)
+        return (
+            rs.metadata.uid not in rs_uids
+            and name not in deps
+            and not {p.metadata.uid for p in pods} & pod_uids
+        )
 
     wait_until(gone, timeout=120, what=f"garbage collection after {propagation} delete")
 
@@ -140,7 +165,8 @@ def test_namespace_deletion_removes_its_contents(api: Any, make_namespace: Any) 
     ns = make_namespace()
     core = client.CoreV1Api(api)
     core.create_namespaced_config_map(
-        ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="cfg"), data={"a": "b"}))
+        ns, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="cfg"), data={"a": "b"})
+    )
     core.delete_namespace(ns)
 
     def ns_gone() -> bool:

@@ -26,8 +26,9 @@ MINIMAL_SPEC = {
 }
 
 
-def dflow(name: str, spec: dict[str, Any] | None = None,
-          labels: dict[str, str] | None = None) -> dict[str, Any]:
+def dflow(
+    name: str, spec: dict[str, Any] | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "DistributedFlow",
@@ -39,8 +40,9 @@ def dflow(name: str, spec: dict[str, Any] | None = None,
 @pytest.fixture(scope="module")
 def crd(control_plane: ControlPlane) -> str:
     control_plane.kubectl("apply", "-f", str(CRD_FILE))
-    control_plane.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}",
-                          "--timeout=60s", timeout=90)
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s", timeout=90
+    )
     return CRD_NAME
 
 
@@ -57,8 +59,7 @@ def test_server_side_dry_run_of_the_crd(control_plane: ControlPlane) -> None:
     assert CRD_NAME in out and "(server dry run)" in out
 
 
-def test_crd_is_established_with_its_names(control_plane: ControlPlane, api: Any,
-                                           crd: str) -> None:
+def test_crd_is_established_with_its_names(control_plane: ControlPlane, api: Any, crd: str) -> None:
     from kubernetes import client
 
     got = client.ApiextensionsV1Api(api).read_custom_resource_definition(crd)
@@ -67,7 +68,10 @@ def test_crd_is_established_with_its_names(control_plane: ControlPlane, api: Any
     assert conditions["NamesAccepted"] == "True"
     names = got.status.accepted_names
     assert (names.kind, names.plural, names.singular) == (
-        "DistributedFlow", "distributedflows", "distributedflow")
+        "DistributedFlow",
+        "distributedflows",
+        "distributedflow",
+    )
     assert names.short_names == ["dflow"]
     assert got.spec.scope == "Namespaced"
     # Discovery shows the short name and the status subresource.
@@ -85,18 +89,38 @@ def test_create_applies_schema_defaults(objs: Any, namespace: str) -> None:
     assert spec["flowName"] == "ingest-orders"
     assert spec["runner"] == "prefect"
     assert spec["database"] == {"secretRef": {"name": "orders-db", "key": "connection-string"}}
-    assert {k: spec[k] for k in (
-        "batchSize", "concurrency", "minReplicas", "maxReplicas", "recordsPerReplica",
-        "scaleDownDelaySeconds", "pollIntervalSeconds", "leaseSeconds", "maxRetries")} == {
-        "batchSize": 50, "concurrency": 1, "minReplicas": 0, "maxReplicas": 10,
-        "recordsPerReplica": 100, "scaleDownDelaySeconds": 60, "pollIntervalSeconds": 10,
-        "leaseSeconds": 60, "maxRetries": 3}
+    assert {
+        k: spec[k]
+        for k in (
+            "batchSize",
+            "concurrency",
+            "minReplicas",
+            "maxReplicas",
+            "recordsPerReplica",
+            "scaleDownDelaySeconds",
+            "pollIntervalSeconds",
+            "leaseSeconds",
+            "maxRetries",
+        )
+    } == {
+        "batchSize": 50,
+        "concurrency": 1,
+        "minReplicas": 0,
+        "maxReplicas": 10,
+        "recordsPerReplica": 100,
+        "scaleDownDelaySeconds": 60,
+        "pollIntervalSeconds": 10,
+        "leaseSeconds": 60,
+        "maxRetries": 3,
+    }
 
 
 def test_passthrough_fields_keep_unknown_content(objs: Any, namespace: str) -> None:
-    spec = {**MINIMAL_SPEC,
-            "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
-            "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}}}
+    spec = {
+        **MINIMAL_SPEC,
+        "env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
+        "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
+    }
     objs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dflow("pt", spec))
     got = objs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "pt")["spec"]
     assert got["env"] == spec["env"]
@@ -104,11 +128,13 @@ def test_passthrough_fields_keep_unknown_content(objs: Any, namespace: str) -> N
 
 
 def test_patch_spec_bumps_generation(objs: Any, namespace: str) -> None:
-    created = objs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                   dflow("patched"))
+    created = objs.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dflow("patched")
+    )
     assert created["metadata"]["generation"] == 1
     patched = objs.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, "patched", {"spec": {"batchSize": 200, "maxReplicas": 4}})
+        GROUP, VERSION, namespace, PLURAL, "patched", {"spec": {"batchSize": 200, "maxReplicas": 4}}
+    )
     assert patched["spec"]["batchSize"] == 200
     assert patched["spec"]["maxReplicas"] == 4
     assert patched["metadata"]["generation"] == 2
@@ -119,29 +145,53 @@ def test_patch_spec_bumps_generation(objs: Any, namespace: str) -> None:
 def test_status_only_changes_through_the_status_subresource(objs: Any, namespace: str) -> None:
     objs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dflow("st"))
     status = {
-        "pendingRecords": 1234, "processingRecords": 50, "failedRecords": 2,
-        "completedRecords": 9_000_000_000, "replicas": 3, "desiredReplicas": 4,
-        "readyReplicas": 3, "observedGeneration": 1, "lastScaleTime": "2025-01-02T03:04:05Z",
-        "conditions": [{"type": "Ready", "status": "True", "reason": "Scaled",
-                        "message": "3 workers", "lastTransitionTime": "2025-01-02T03:04:05Z",
-                        "observedGeneration": 1}],
+        "pendingRecords": 1234,
+        "processingRecords": 50,
+        "failedRecords": 2,
+        "completedRecords": 9_000_000_000,
+        "replicas": 3,
+        "desiredReplicas": 4,
+        "readyReplicas": 3,
+        "observedGeneration": 1,
+        "lastScaleTime": "2025-01-02T03:04:05Z",
+        "conditions": [
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Scaled",
+                "message": "3 workers",
+                "lastTransitionTime": "2025-01-02T03:04:05Z",
+                "observedGeneration": 1,
+            }
+        ],
     }
     after = objs.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, "st", {"status": status})
+        GROUP, VERSION, namespace, PLURAL, "st", {"status": status}
+    )
     assert after["status"] == status
     assert after["metadata"]["generation"] == 1  # status writes do not bump generation
 
     # Through the main resource, a status change is silently dropped...
     objs.patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, "st",
-        {"spec": {"concurrency": 2}, "status": {"pendingRecords": 1, "replicas": 99}})
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "st",
+        {"spec": {"concurrency": 2}, "status": {"pendingRecords": 1, "replicas": 99}},
+    )
     got = objs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "st")
     assert got["spec"]["concurrency"] == 2
     assert got["status"] == status
     # ...and through /status a spec change is.
     objs.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, "st",
-        {"spec": {"concurrency": 7}, "status": {"pendingRecords": 0}})
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "st",
+        {"spec": {"concurrency": 7}, "status": {"pendingRecords": 0}},
+    )
     got = objs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "st")
     assert got["spec"]["concurrency"] == 2
     assert got["status"]["pendingRecords"] == 0
@@ -153,8 +203,13 @@ def test_status_is_validated(objs: Any, namespace: str) -> None:
     objs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dflow("badstatus"))
     with pytest.raises(ApiException) as err:
         objs.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, "badstatus",
-            {"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}})
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            "badstatus",
+            {"status": {"conditions": [{"type": "Ready", "status": "Maybe"}]}},
+        )
     assert err.value.status == 422
     assert "status.conditions[0].status" in err.value.body
 
@@ -162,10 +217,14 @@ def test_status_is_validated(objs: Any, namespace: str) -> None:
 def test_list_with_label_selector(objs: Any, namespace: str) -> None:
     for name, team in (("a1", "alpha"), ("a2", "alpha"), ("b1", "beta")):
         objs.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, dflow(name, labels={"team": team}))
+            GROUP, VERSION, namespace, PLURAL, dflow(name, labels={"team": team})
+        )
     names = lambda sel: sorted(  # noqa: E731
-        o["metadata"]["name"] for o in objs.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, label_selector=sel)["items"])
+        o["metadata"]["name"]
+        for o in objs.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, label_selector=sel
+        )["items"]
+    )
     assert names("team=alpha") == ["a1", "a2"]
     assert names("team!=alpha") == ["b1"]
     assert names("team in (alpha,beta)") == ["a1", "a2", "b1"]
@@ -175,16 +234,24 @@ def test_list_with_label_selector(objs: Any, namespace: str) -> None:
 def test_watch_sees_added_modified_deleted(objs: Any, namespace: str) -> None:
     from kubernetes import watch
 
-    rv = objs.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
-        "metadata"]["resourceVersion"]
+    rv = objs.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["metadata"][
+        "resourceVersion"
+    ]
     events: list[tuple[str, int | None]] = []
     started = threading.Event()
 
     def consume() -> None:
         w = watch.Watch()
         started.set()
-        for ev in w.stream(objs.list_namespaced_custom_object, GROUP, VERSION, namespace,
-                           PLURAL, resource_version=rv, timeout_seconds=60):
+        for ev in w.stream(
+            objs.list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            resource_version=rv,
+            timeout_seconds=60,
+        ):
             obj = ev["object"]
             if obj["metadata"]["name"] != "watched":
                 continue
@@ -196,8 +263,9 @@ def test_watch_sees_added_modified_deleted(objs: Any, namespace: str) -> None:
     watcher.start()
     started.wait(10)
     objs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dflow("watched"))
-    objs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "watched",
-                                        {"spec": {"batchSize": 77}})
+    objs.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "watched", {"spec": {"batchSize": 77}}
+    )
     objs.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "watched")
     watcher.join(70)
     assert not watcher.is_alive(), f"watch did not see DELETED; saw {events}"
@@ -220,25 +288,53 @@ def test_delete(objs: Any, namespace: str) -> None:
     wait_until(is_gone, timeout=30, what="DistributedFlow gone to be deleted")
 
 
-def test_printer_columns_in_kubectl_get(control_plane: ControlPlane, objs: Any,
-                                       namespace: str) -> None:
+def test_printer_columns_in_kubectl_get(
+    control_plane: ControlPlane, objs: Any, namespace: str
+) -> None:
     objs.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, dflow("shown", {**MINIMAL_SPEC, "flowName": "billing"}))
+        GROUP, VERSION, namespace, PLURAL, dflow("shown", {**MINIMAL_SPEC, "flowName": "billing"})
+    )
     objs.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, "shown",
-        {"status": {"pendingRecords": 321, "processingRecords": 45, "failedRecords": 6,
-                    "replicas": 2, "desiredReplicas": 3,
-                    "conditions": [{"type": "Progressing", "status": "False"},
-                                   {"type": "Ready", "status": "True"}]}})
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "shown",
+        {
+            "status": {
+                "pendingRecords": 321,
+                "processingRecords": 45,
+                "failedRecords": 6,
+                "replicas": 2,
+                "desiredReplicas": 3,
+                "conditions": [
+                    {"type": "Progressing", "status": "False"},
+                    {"type": "Ready", "status": "True"},
+                ],
+            }
+        },
+    )
     out = control_plane.kubectl("get", "dflow", "-n", namespace).stdout.splitlines()
-    assert out[0].split() == ["NAME", "FLOW", "PENDING", "PROCESSING", "FAILED", "REPLICAS",
-                              "DESIRED", "READY", "AGE"]
+    assert out[0].split() == [
+        "NAME",
+        "FLOW",
+        "PENDING",
+        "PROCESSING",
+        "FAILED",
+        "REPLICAS",
+        "DESIRED",
+        "READY",
+        "AGE",
+    ]
     row = out[1].split()
     assert row[:8] == ["shown", "billing", "321", "45", "6", "2", "3", "True"]
     # The full resource name resolves to the same object.
-    assert control_plane.kubectl("get", "distributedflows.flowfleet.io", "shown", "-n",
-                                 namespace, "-o", "name").stdout.strip() == \
-        "distributedflow.flowfleet.io/shown"
+    assert (
+        control_plane.kubectl(
+            "get", "distributedflows.flowfleet.io", "shown", "-n", namespace, "-o", "name"
+        ).stdout.strip()
+        == "distributedflow.flowfleet.io/shown"
+    )
 
 
 INVALID = [
@@ -247,33 +343,45 @@ INVALID = [
     pytest.param({"flowName": None}, "spec.flowName", id="missing-flowName"),
     pytest.param({"flowName": "-starts-with-dash"}, "spec.flowName", id="bad-flowName"),
     pytest.param({"image": ""}, "spec.image", id="empty-image"),
-    pytest.param({"entrypoint": "orders.flows.process_batch"}, "spec.entrypoint",
-                 id="entrypoint-without-colon"),
+    pytest.param(
+        {"entrypoint": "orders.flows.process_batch"},
+        "spec.entrypoint",
+        id="entrypoint-without-colon",
+    ),
     pytest.param({"entrypoint": "orders flows:run"}, "spec.entrypoint", id="entrypoint-space"),
     pytest.param({"runner": "celery"}, "spec.runner", id="unknown-runner"),
-    pytest.param({"database": {"secretRef": {}}}, "spec.database.secretRef.name",
-                 id="secretRef-without-name"),
+    pytest.param(
+        {"database": {"secretRef": {}}}, "spec.database.secretRef.name", id="secretRef-without-name"
+    ),
     pytest.param({"database": None}, "spec.database", id="missing-database"),
     pytest.param({"concurrency": 257}, "spec.concurrency", id="concurrency-too-big"),
     pytest.param({"leaseSeconds": 4}, "spec.leaseSeconds", id="lease-too-short"),
     pytest.param({"maxRetries": -1}, "spec.maxRetries", id="negative-maxRetries"),
-    pytest.param({"minReplicas": 5, "maxReplicas": 2},
-                 "spec.minReplicas must not exceed spec.maxReplicas", id="min-above-max"),
-    pytest.param({"minReplicas": 11}, "spec.minReplicas must not exceed spec.maxReplicas",
-                 id="min-above-default-max"),
+    pytest.param(
+        {"minReplicas": 5, "maxReplicas": 2},
+        "spec.minReplicas must not exceed spec.maxReplicas",
+        id="min-above-max",
+    ),
+    pytest.param(
+        {"minReplicas": 11},
+        "spec.minReplicas must not exceed spec.maxReplicas",
+        id="min-above-default-max",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("change", "expected"), INVALID)
 def test_invalid_objects_are_rejected_naming_the_field(
-        objs: Any, namespace: str, change: dict[str, Any], expected: str) -> None:
+    objs: Any, namespace: str, change: dict[str, Any], expected: str
+) -> None:
     from kubernetes.client.rest import ApiException
 
     spec = {**MINIMAL_SPEC, **change}
     spec = {k: v for k, v in spec.items() if v is not None}
     with pytest.raises(ApiException) as err:
-        objs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                             dflow("invalid", spec))
+        objs.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, dflow("invalid", spec)
+        )
     assert err.value.status == 422, err.value.body
     body = json.loads(err.value.body)
     assert body["reason"] == "Invalid"
@@ -281,8 +389,9 @@ def test_invalid_objects_are_rejected_naming_the_field(
     assert objs.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"] == []
 
 
-def test_kubectl_apply_reports_the_invalid_field(control_plane: ControlPlane, crd: str,
-                                                 namespace: str) -> None:
+def test_kubectl_apply_reports_the_invalid_field(
+    control_plane: ControlPlane, crd: str, namespace: str
+) -> None:
     manifest = json.dumps(dflow("viakubectl", {**MINIMAL_SPEC, "batchSize": 0}))
     proc = control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=False)
     assert proc.returncode != 0
