@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -85,15 +86,26 @@ def migrate(dsn: DsnOption = None, db: DbOption = None) -> None:
         typer.echo(f"schema already at version {version}; nothing to do")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str) -> Any:
+    # Python's json accepts NaN and Infinity; PostgreSQL's does not.
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 def read_records(source: str) -> list[Any]:
     """JSON lines or one JSON array, from a file or ``-``; errors name the line."""
     text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            value = json.loads(text)
+            value = _loads(text)
         except json.JSONDecodeError as exc:
             raise InvalidRecordError(f"line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        except ValueError as exc:
+            raise InvalidRecordError(f"invalid JSON: {exc}") from None
         if not isinstance(value, list):
             raise InvalidRecordError("expected a JSON array or JSON lines")
         return value
@@ -102,9 +114,11 @@ def read_records(source: str) -> list[Any]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _loads(line)
         except json.JSONDecodeError as exc:
             raise InvalidRecordError(f"line {number}: invalid JSON: {exc.msg}") from None
+        except ValueError as exc:
+            raise InvalidRecordError(f"line {number}: invalid JSON: {exc}") from None
         if not isinstance(record, dict):
             raise InvalidRecordError(
                 f"line {number}: payload must be a JSON object, got {type(record).__name__}"
@@ -334,6 +348,9 @@ def worker(
 
 
 def main() -> None:
+    # The pool retries in the background and logs each failed attempt; a command that
+    # fails says so once, in its own words.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     app()
 
 

@@ -24,7 +24,8 @@ from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
 
 POSTGRES_TYPES = {"postgresql", "postgres"}
 _URL_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)(\S+)", re.IGNORECASE)
+# key=value DSNs may quote a password holding spaces: password='a b\'c'
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def environment() -> str:
@@ -141,6 +142,9 @@ class DatabaseManager:
         with _Registry.lock:
             pool = _Registry.pools.get(key)
             if pool is None:
+                # One direct attempt first: an unreachable database fails now, with the
+                # driver's reason, instead of after the pool's timeout of silent retries.
+                self._probe()
                 pool = ConnectionPool(
                     self._dsn,
                     min_size=1,
@@ -181,12 +185,18 @@ class DatabaseManager:
             f"cannot reach database {self.name!r} at {self.location}: {reason or 'no answer'}"
         )
 
+    def _probe(self) -> None:
+        try:
+            psycopg.connect(self._dsn, connect_timeout=10).close()
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from None
+
     def _probe_error(self) -> str | None:
         """Why the pool has no connection: one direct attempt says what the pool swallowed."""
         try:
-            psycopg.connect(self._dsn, connect_timeout=3).close()
-        except psycopg.Error as exc:
-            return str(exc)
+            self._probe()
+        except DatabaseUnavailableError as exc:
+            return str(exc).split(": ", 1)[-1]
         return None
 
     # -- Any database -----------------------------------------------------------------

@@ -15,8 +15,6 @@ from flowfleet.identity import instance_id as default_instance_id
 from flowfleet.migrate import current_version
 from flowfleet.sql import latest_version
 
-_SETTINGS = ConfigManager("distributed_processor")
-
 
 class DistributedProcessor:
     """Claims, completes and fails records of ``processing_queue`` in ``queue_db``.
@@ -37,17 +35,19 @@ class DistributedProcessor:
         self.queue_db = DatabaseManager(queue_db) if isinstance(queue_db, str) else queue_db
         self.source_db = DatabaseManager(source_db) if isinstance(source_db, str) else source_db
         self.instance_id = instance_id or default_instance_id()
-        self.cleanup_timeout_hours = float(_SETTINGS.get_variable("cleanup_timeout_hours", 2.0))
+        # Read now, not at import: PREFECT_ENVIRONMENT may be set after flowfleet loads.
+        settings = ConfigManager("distributed_processor")
+        self.cleanup_timeout_hours = float(settings.get_variable("cleanup_timeout_hours", 2.0))
         self.policy = queue.RetryPolicy(
             max_retries=max_retries
             if max_retries is not None
-            else _SETTINGS.get_variable("max_retries", 3),
-            backoff_base=_SETTINGS.get_variable("retry_backoff_seconds", 1.0),
-            backoff_cap=_SETTINGS.get_variable("retry_backoff_max_seconds", 300.0),
+            else settings.get_variable("max_retries", 3),
+            backoff_base=settings.get_variable("retry_backoff_seconds", 1.0),
+            backoff_cap=settings.get_variable("retry_backoff_max_seconds", 300.0),
         )
         # Callers of this API do not renew leases, so by default a claim lasts as long as
         # the seed's orphan timeout; the worker, which does renew, uses a short one.
-        self.lease_seconds = lease_seconds or _SETTINGS.get_variable(
+        self.lease_seconds = lease_seconds or settings.get_variable(
             "lease_seconds", self.cleanup_timeout_hours * 3600
         )
         self._tokens: dict[int, int] = {}

@@ -7,6 +7,7 @@ transactions; none knows about Prefect or Kubernetes.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,6 +24,10 @@ MAX_FLOW_NAME = 100
 # Wake-ups for idle workers go out on one channel with the flow name as payload, so flow
 # names never have to become channel identifiers.
 CHANNEL = "flowfleet_queue"
+
+# json.dumps writes a NUL character as \u0000; an escaped backslash followed by "u0000"
+# (an even run of backslashes before it) is ordinary text.
+_NUL_ESCAPE = re.compile(r"(?:^|[^\\])(?:\\\\)*\\u0000")
 
 DedupKey = str | Callable[[Mapping[str, Any]], Any] | None
 
@@ -102,7 +107,7 @@ def encode_records(
             text = json.dumps(record, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise InvalidRecordError(f"record {index}: not JSON-serialisable: {exc}") from None
-        if "\\u0000" in text:
+        if "\\u0000" in text and _NUL_ESCAPE.search(text):
             raise InvalidRecordError(f"record {index}: PostgreSQL JSON cannot hold NUL (\\u0000)")
         encoded.append((text, _dedup_of(record, dedup_key)))
     return encoded

@@ -125,10 +125,30 @@ class ClaimLoop:
                     worker.db.unavailable(exc),
                     delay,
                 )
-                self._drop_connection()
+                self._abandon_batch()
+                worker.stopping.wait(delay)
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+            except Exception:
+                # A Prefect API outage or a bug must not kill the loop for good: log it,
+                # hand the batch back, and try again after a pause.
+                log.exception("claim loop error; retrying in %.1fs", delay)
+                self._abandon_batch()
                 worker.stopping.wait(delay)
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
         self._drop_connection()
+
+    def _abandon_batch(self) -> None:
+        """Stop renewing the batch in hand and try to hand it back at once; if the
+        database is out of reach, its leases run out and any worker returns it."""
+        records = self.snapshot()
+        self._clear_in_flight()
+        self._drop_connection()
+        if records:
+            try:
+                with self.worker.db.connection(timeout=2.0) as conn:
+                    queue.release(conn, records)
+            except DatabaseUnavailableError:
+                pass
 
     def _drop_connection(self) -> None:
         if self.conn is not None:
@@ -293,6 +313,7 @@ class Worker:
         )
         self.metrics = WorkerMetrics(settings.flow_name)
         self.stopping = threading.Event()
+        self.finished = threading.Event()
         self.hard_stop_at: float | None = None
         self.wake = Wake()
         self.loops = [ClaimLoop(self, i) for i in range(settings.concurrency)]
@@ -345,13 +366,17 @@ class Worker:
         s = self.settings
         conn: psycopg.Connection | None = None
         next_sweep = 0.0
-        while not self.stopping.wait(s.heartbeat_seconds) or self._any_loop_alive():
+        # Runs until the main thread has drained the loops: leases stay renewed through
+        # the grace period.
+        while not self.finished.wait(s.heartbeat_seconds):
+            # Ticks whether or not the database answers: /healthz asks "is this process
+            # stuck", and restarting a pod does not end a database outage.
+            self.keeper_tick = time.monotonic()
             try:
                 if conn is None or conn.closed:
                     conn = self.db.connect()
                 for loop in self.loops:
                     queue.heartbeat(conn, loop.snapshot(), s.lease_seconds)
-                self.keeper_tick = time.monotonic()
                 if time.monotonic() >= next_sweep and not self.stopping.is_set():
                     released = queue.release_orphans(conn, None, s.flow_name)
                     if released:
@@ -362,8 +387,6 @@ class Worker:
             except (psycopg.Error, DatabaseUnavailableError) as exc:
                 log.warning("lease keeper: %s", self.db.unavailable(exc))
                 conn = None
-            if self.stopping.is_set() and not self._any_loop_alive():
-                break
         if conn is not None:
             conn.close()
 
@@ -373,9 +396,6 @@ class Worker:
             self.metrics.queue_depth.labels(self.settings.flow_name, status).set(
                 counts.get(f"{status}_records", 0)
             )
-
-    def _any_loop_alive(self) -> bool:
-        return any(loop.thread.is_alive() for loop in self.loops)
 
     # -- health ---------------------------------------------------------------------
 
@@ -431,6 +451,7 @@ class Worker:
         while not self.stopping.wait(0.5):
             pass
         self._drain()
+        self.finished.set()
         if server is not None:
             server.shutdown()
         log.info("worker stopped")
