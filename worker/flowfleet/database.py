@@ -52,6 +52,24 @@ def describe_dsn(dsn: str) -> str:
     return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
 
 
+def check_dsn(name: str, dsn: str) -> None:
+    """Refuse a PostgreSQL connection string that can never work, as a bad setting rather
+    than an outage. The driver's own message may quote fragments of the string (its
+    password among them), so the reason given is ours."""
+    try:
+        info = conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        raise DatabaseConfigError(
+            f"the connection string of database {name!r} is malformed (expected "
+            "postgresql://user:password@host:port/dbname or key=value pairs)"
+        ) from None
+    port = str(info.get("port") or "")
+    if port and not all(p.strip().isdigit() for p in port.split(",")):
+        raise DatabaseConfigError(
+            f"the connection string of database {name!r} has port {port!r}, not a number"
+        )
+
+
 def resolve(name: str) -> tuple[str, str]:
     """(connection string, type) for a database name, or a DatabaseConfigError naming both
     environment variables that were tried."""
@@ -112,6 +130,8 @@ class DatabaseManager:
             resolved_type = _type_of(connection_string)
         self._dsn = connection_string
         self.db_type = (db_type or resolved_type).lower()
+        if self.is_postgres:
+            check_dsn(name, connection_string)
         self.pool_max_size = pool_max_size or int(
             os.environ.get(env_name(environment(), "global", name, "pool_max_size"), "10")
         )
