@@ -131,7 +131,12 @@ class DatabaseManager:
         self._dsn = connection_string
         self.db_type = (db_type or resolved_type).lower()
         if self.is_postgres:
-            check_dsn(name, connection_string)
+            # SQLAlchemy spells the driver into the scheme (postgresql+psycopg://);
+            # libpq knows only postgresql:// and postgres://.
+            scheme, sep, rest = self._dsn.partition("://")
+            if sep and "+" in scheme:
+                self._dsn = f"postgresql://{rest}"
+            check_dsn(name, self._dsn)
         self.pool_max_size = pool_max_size or int(
             os.environ.get(env_name(environment(), "global", name, "pool_max_size"), "10")
         )
