@@ -64,9 +64,13 @@ class ConfigManager:
             env_name("global", key),
         ]
 
+    def source(self, key: str) -> str | None:
+        """The environment variable that supplies ``key``, or None when none is set."""
+        return next((name for name in self.candidates(key) if name in os.environ), None)
+
     def get_variable(self, key: str, default: T = None) -> T:  # type: ignore[assignment]
-        for name in self.candidates(key):
-            raw = os.environ.get(name)
-            if raw is not None:
-                return coerce(raw, default, name) if default is not None else raw  # type: ignore[return-value]
-        return default
+        name = self.source(key)
+        if name is None:
+            return default
+        raw = os.environ[name]
+        return coerce(raw, default, name) if default is not None else raw  # type: ignore[return-value]

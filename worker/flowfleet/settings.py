@@ -62,11 +62,16 @@ def load_settings(flow_name: str, options: dict[str, Any]) -> WorkerSettings:
     shared = ConfigManager("distributed_processor")
     defaults = WorkerSettings.model_fields
     values: dict[str, Any] = {"flow_name": flow_name}
+    origin: dict[str, str] = {}  # where each value came from, for error messages
     for field, key in ENV_KEYS.items():
         given = options.get(field)
         if given is not None:
             values[field] = given
+            origin[field] = f"option --{field.replace('_', '-')}"
             continue
+        source = flow_config.source(key) or shared.source(key)
+        if source is not None:
+            origin[field] = source
         info = defaults[field]
         # Typed like the default, so "50" arrives as 50; a required one is a string.
         default = "" if info.is_required() else info.get_default()
@@ -79,8 +84,13 @@ def load_settings(flow_name: str, options: dict[str, Any]) -> WorkerSettings:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
-        hint = ""
-        if where in ENV_KEYS:
-            variable = flow_config.candidates(ENV_KEYS[where])[0]
-            hint = f" (option --{where.replace('_', '-')} or {variable})"
+        if where in origin:
+            hint = f" (from {origin[where]})"
+        elif where in ENV_KEYS:
+            hint = (
+                f" (give --{where.replace('_', '-')} or set "
+                f"{flow_config.candidates(ENV_KEYS[where])[0]})"
+            )
+        else:
+            hint = ""
         raise FlowfleetError(f"invalid worker setting {where}: {first['msg']}{hint}") from None

@@ -78,7 +78,6 @@ class ClaimLoop:
         self.in_flight: list[queue.Claimed] = []
         self.thread = threading.Thread(target=self.run, name=f"claim-{index}", daemon=True)
         self.batches = 0
-        self.last_progress = time.monotonic()
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.batch_in_hand: list[queue.Claimed] = []
 
@@ -108,13 +107,13 @@ class ClaimLoop:
             try:
                 if self.conn is None or self.conn.closed:
                     self.conn = worker.db.connect()
-                    delay = 0.5
                 seen = worker.wake.generation
                 batch = self._claim()
-                self.last_progress = time.monotonic()
                 if batch:
                     worker.runner(self, batch)
+                    delay = 0.5  # only a batch that ran clean ends the backoff
                     continue
+                delay = 0.5
                 if worker.settings.exit_when_empty and worker.queue_is_empty(self.conn):
                     worker.request_stop("queue empty")
                     break
@@ -187,7 +186,6 @@ class ClaimLoop:
             outcome = run(batch)
             self.worker.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.batches += 1
-            self.last_progress = time.monotonic()
             if outcome.unprocessed:
                 queue.release(self.conn, outcome.unprocessed)
             keep_going = not self.worker.stopping.is_set() and (
@@ -314,6 +312,7 @@ class Worker:
         self.metrics = WorkerMetrics(settings.flow_name)
         self.stopping = threading.Event()
         self.finished = threading.Event()
+        self.started = threading.Event()
         self.hard_stop_at: float | None = None
         self.wake = Wake()
         self.loops = [ClaimLoop(self, i) for i in range(settings.concurrency)]
@@ -400,6 +399,9 @@ class Worker:
     # -- health ---------------------------------------------------------------------
 
     def alive(self) -> tuple[bool, str]:
+        if not self.started.is_set():
+            # Waiting for the database is alive: a restart would meet the same outage.
+            return True, "waiting for the database"
         dead = [loop.index for loop in self.loops if not loop.thread.is_alive()]
         if dead and not self.stopping.is_set():
             return False, f"claim loops {dead} have died"
@@ -441,6 +443,8 @@ class Worker:
             thread.start()
         for loop in self.loops:
             loop.thread.start()
+        self.keeper_tick = time.monotonic()
+        self.started.set()
         log.info(
             "worker started: runner=%s batch_size=%d concurrency=%d entrypoint=%s",
             self.settings.runner,

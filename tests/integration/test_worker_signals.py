@@ -1,0 +1,115 @@
+"""SIGTERM and SIGINT: stop claiming, finish in-flight records within the grace period,
+hand back whatever is left untouched, exit 0."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psycopg
+import pytest
+from worker_helpers import (
+    Fleet,
+    enqueue_keys,
+    fleet_fixture,  # noqa: F401 - the fixture `fleet`
+    in_flight,
+    queue_counts,
+    wait_until,
+)
+
+FLOW = "drain_flow"
+MARGIN = 3.0  # seconds beyond the grace period: process exit, interpreter teardown, CI noise
+
+
+def left_in_queue(conn: psycopg.Connection) -> list[tuple[object, ...]]:
+    return conn.execute(
+        "SELECT status, retry_count, flow_instance_id, claim_token, lease_expires_at,"
+        " error_message FROM processing_queue WHERE flow_name = %s ORDER BY id",
+        (FLOW,),
+    ).fetchall()
+
+
+@pytest.mark.parametrize(
+    ("sig", "entrypoint", "concurrency"),
+    [
+        (signal.SIGTERM, "processors.effects:sleepy", 1),
+        (signal.SIGINT, "processors.effects:sleepy_result", 1),
+        (signal.SIGTERM, "processors.effects:sleepy", 2),
+    ],
+    ids=["sigterm", "sigint-with-results", "sigterm-two-loops"],
+)
+def test_signal_finishes_the_batch_in_hand_and_exits_0(
+    fleet: Fleet,
+    dsn: str,
+    conn: psycopg.Connection,
+    sig: signal.Signals,
+    entrypoint: str,
+    concurrency: int,
+) -> None:
+    batch, grace, total = 10, 5.0, 100
+    enqueue_keys(conn, FLOW, range(total), sleep=0.2)
+    worker = fleet.start(
+        FLOW,
+        entrypoint,
+        dsn,
+        name="drainer",
+        args=[
+            "--batch-size",
+            str(batch),
+            "--grace-seconds",
+            str(grace),
+            "--concurrency",
+            str(concurrency),
+        ],
+    )
+    # Mid-run: a batch is done and the next ones are in hand.
+    wait_until(lambda: queue_counts(conn, FLOW)["completed"] >= batch, 30, what="one batch")
+    wait_until(lambda: len(in_flight(conn, "drainer")) == batch * concurrency, 10)
+    done_before = queue_counts(conn, FLOW)["completed"]
+
+    sent = time.monotonic()
+    worker.send(sig)
+    assert worker.wait_exit(grace + MARGIN) == 0, worker.stderr()
+    assert time.monotonic() - sent < grace + MARGIN
+
+    counts = queue_counts(conn, FLOW)
+    assert counts["processing"] == 0
+    assert in_flight(conn, "drainer") == []
+    # The batches in hand finished (10 records take 2 s, well inside the grace period):
+    # completions come in whole batches, and nothing new was claimed after the signal.
+    assert counts["completed"] % batch == 0
+    assert done_before < counts["completed"] <= done_before + 2 * batch * concurrency
+    assert counts["completed"] + counts["pending"] == total
+    # What was never claimed is untouched: pending, no retry spent, nobody's claim.
+    assert set(left_in_queue(conn)) == {("pending", 0, None, None, None, None)}
+    assert worker.logged(f"stopping: {sig.name}")
+    assert worker.logged("worker stopped")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_record_outlasting_the_grace_period_is_released(
+    fleet: Fleet, dsn: str, conn: psycopg.Connection, sig: signal.Signals
+) -> None:
+    grace = 1.0
+    # The first record of the batch takes 30 s; nine quick ones wait behind it.
+    enqueue_keys(conn, FLOW, [0], sleep=30)
+    enqueue_keys(conn, FLOW, range(1, 10), sleep=0)
+    worker = fleet.start(
+        FLOW,
+        "processors.effects:sleepy",
+        dsn,
+        name="stuck",
+        args=["--batch-size", "10", "--grace-seconds", str(grace)],
+    )
+    wait_until(lambda: len(in_flight(conn, "stuck")) == 10, 20, what="the batch to be claimed")
+    time.sleep(0.3)  # inside the 30 s record now
+
+    sent = time.monotonic()
+    worker.send(sig)
+    assert worker.wait_exit(grace + MARGIN) == 0, worker.stderr()
+    assert time.monotonic() - sent < grace + MARGIN
+
+    # Handed back at once (not after the lease): pending, retries unspent, no claim.
+    assert left_in_queue(conn) == [("pending", 0, None, None, None, None)] * 10
+    assert queue_counts(conn, FLOW)["completed"] == 0
+    assert worker.logged("grace period over: released 10 in-flight records")
