@@ -35,7 +35,7 @@ import pgqueuer_side  # noqa: E402
 from bench_queue import drain_pgqueuer  # noqa: E402
 from flowfleet.database import DatabaseManager  # noqa: E402
 from flowfleet.distributed import DistributedProcessor  # noqa: E402
-from flowfleet.throwaway import free_port  # noqa: E402
+from flowfleet.throwaway import ThrowawayPrefect, free_port  # noqa: E402
 
 FLOW = "bench"
 
@@ -156,35 +156,6 @@ def seed_style_rate(dsn: str, records: int, batch: int) -> float:
     return records / seconds
 
 
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_URL": "",
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    wait_http(f"{url}/health", timeout=180)
-    return server, url
-
-
 def latency(dsn: str, samples: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         stamps = Path(tmp) / "stamps"
@@ -219,7 +190,6 @@ def main() -> None:
     args = parser.parse_args()
 
     pg = common.server()
-    home = Path(tempfile.mkdtemp(prefix="flowfleet-prefect-"))
     prefect_server = None
     try:
         ff_dsn = common.create_database(pg, "bench_worker", flowfleet_schema=True)
@@ -233,8 +203,8 @@ def main() -> None:
 
         lat = latency(ff_dsn, args.latency_samples)
 
-        prefect_server, api = start_prefect_server(home)
-        os.environ["PREFECT_API_URL"] = api
+        prefect_server = ThrowawayPrefect().start()
+        os.environ.update(prefect_server.env())
         seed_style_rate(ff_dsn, 50, args.batch_size)  # registers the flow, warms the server
         prefect_ours, seed = [], []
         for _ in range(args.repeats):
@@ -244,11 +214,8 @@ def main() -> None:
             seed.append(seed_style_rate(ff_dsn, args.seed_records, args.batch_size))
     finally:
         if prefect_server is not None:
-            from prefect.logging.handlers import APILogHandler
-
-            APILogHandler.flush()  # this process's flow logs, before their server goes
-            prefect_server.terminate()
-            prefect_server.wait(30)
+            prefect_server.drain_client()
+            prefect_server.stop()
         pg.stop()
 
     ratio = [a / b for a, b in zip(ours, theirs, strict=True)]

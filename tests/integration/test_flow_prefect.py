@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest_prefect import PrefectApi, prefect_api_fixture  # noqa: F401 - fixture
+from conftest_prefect import prefect_api_fixture  # noqa: F401 - fixture
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowFilter,
@@ -33,7 +33,7 @@ from flowfleet import queue
 from flowfleet.database import DatabaseManager
 from flowfleet.distributed import DistributedProcessor
 from flowfleet.flow_template import distributed_processing_flow
-from flowfleet.throwaway import free_port
+from flowfleet.throwaway import ThrowawayPrefect, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def failed(conn: psycopg.Connection, flow: str) -> dict[int, tuple[int, str]]:
 
 
 def test_prefect_runner_drains_the_queue_and_reports_to_prefect(
-    prefect_api: PrefectApi, fleet: Fleet, dsn: str, conn: psycopg.Connection
+    prefect_api: ThrowawayPrefect, fleet: Fleet, dsn: str, conn: psycopg.Connection
 ) -> None:
     flow, total = "prefect_runner_flow", 200
     poison = set(range(7, total, 20))
@@ -136,7 +136,7 @@ def test_prefect_runner_drains_the_queue_and_reports_to_prefect(
 
 
 def test_prefect_task_processor_gets_a_task_run_per_record(
-    prefect_api: PrefectApi, fleet: Fleet, dsn: str, conn: psycopg.Connection
+    prefect_api: ThrowawayPrefect, fleet: Fleet, dsn: str, conn: psycopg.Connection
 ) -> None:
     flow, total = "prefect_task_flow", 12
     queue.enqueue(conn, flow, [{"k": k, "poison": k == 5} for k in range(total)])
@@ -162,7 +162,10 @@ def test_prefect_task_processor_gets_a_task_run_per_record(
 
 
 def test_distributed_processing_flow_in_process(
-    prefect_api: PrefectApi, dsn: str, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+    prefect_api: ThrowawayPrefect,
+    dsn: str,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     flow = "in_process_flow"
     monkeypatch.delenv("PREFECT_ENVIRONMENT", raising=False)
@@ -217,7 +220,7 @@ def test_distributed_processing_flow_in_process(
 
 
 def test_seed_pattern_3_existing_flow_migration(
-    prefect_api: PrefectApi,
+    prefect_api: ThrowawayPrefect,
     db: DatabaseManager,
     conn: psycopg.Connection,
     monkeypatch: pytest.MonkeyPatch,
@@ -247,7 +250,7 @@ def test_seed_pattern_3_existing_flow_migration(
 
 
 def test_prefect_api_outage_hands_batches_back_untouched(
-    prefect_api: PrefectApi, fleet: Fleet, dsn: str, conn: psycopg.Connection, tmp_path: Path
+    prefect_api: ThrowawayPrefect, fleet: Fleet, dsn: str, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
     """With its Prefect API unreachable, the Prefect runner cannot start a flow run: the
     claimed batch goes back as it was (no retry spent, nothing failed), the worker stays

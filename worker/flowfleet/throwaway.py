@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server on a free loopback port, for the demo, tests and benches.
+"""Throwaway servers on free loopback ports, for the demo, tests and benchmarks: PostgreSQL
+and Prefect.
 
 Uses the machine's PostgreSQL binaries (``pg_config --bindir``, then Debian's
 ``/usr/lib/postgresql/*/bin``). ``initdb`` refuses to run as root, so as root the server
@@ -10,8 +11,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,6 +145,109 @@ class ThrowawayPostgres:
         self.start()
         self.wait_ready()
         return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ThrowawayPrefect:
+    """A local Prefect server on a free loopback port with its own PREFECT_HOME, for the
+    tests and benchmarks that need one server shared by several processes (without
+    PREFECT_API_URL, each process would start a temporary server of its own)."""
+
+    def __init__(self, start_timeout: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.home = Path(tempfile.mkdtemp(prefix="flowfleet-prefect-"))
+        self.client_home = self.home / "client"
+        self.start_timeout = start_timeout
+        self._server: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        """What a client process needs to report to this server."""
+        return {
+            "PREFECT_API_URL": self.url,
+            "PREFECT_HOME": str(self.client_home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+
+    def healthy(self) -> bool:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:  # noqa: S310 - loopback
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def start(self) -> ThrowawayPrefect:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(self.home / "server"),
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_UI_ENABLED="false",
+        )
+        log = self.home / "server.log"
+        with log.open("wb") as out:
+            self._server = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                # Its own process group, so stop() reaches whatever it spawns.
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.start_timeout
+        while not self.healthy():
+            if self._server.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise FlowfleetError(f"Prefect server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.25)
+        return self
+
+    @staticmethod
+    def drain_client() -> None:
+        """Send this process's buffered Prefect logs and events while the server is up:
+        left for interpreter exit, they retry against a stopped server for a minute."""
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for service in (APILogWorker, EventsWorker):
+            service.drain_all(timeout=15, at_exit=False)
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(server.pid, sig)
+                    server.wait(wait)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self) -> ThrowawayPrefect:
+        return self.start()
 
     def __exit__(
         self,
