@@ -158,11 +158,7 @@ class ClaimLoop:
         self.conn = None
 
     def _claim(self) -> list[queue.Claimed]:
-        assert self.conn is not None
-        s = self.worker.settings
-        batch = queue.claim(
-            self.conn, s.flow_name, self.worker.instance_id, s.batch_size, s.lease_seconds
-        )
+        batch = self._claim_raw()
         self._claimed(batch)
         return batch
 
