@@ -21,6 +21,7 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
+from flowfleet.sql import query
 
 POSTGRES_TYPES = {"postgresql", "postgres"}
 _URL_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
@@ -93,9 +94,7 @@ def _type_of(dsn: str) -> str:
 
 
 def _configure(conn: psycopg.Connection) -> None:
-    # Queue timestamps are TIMESTAMP (the seed's type) compared with LOCALTIMESTAMP, so
-    # every session must agree on one zone or leases would drift by the zone offset.
-    conn.execute("SET TIME ZONE 'UTC'")
+    conn.execute(query("session_setup"))
 
 
 class _Registry:
@@ -272,9 +271,9 @@ class DatabaseManager:
         try:
             if self.is_postgres:
                 with self.connection(timeout=5.0) as conn:
-                    conn.execute("SELECT 1")
+                    conn.execute(query("ping"))
             else:
-                self._execute_sqlalchemy("SELECT 1", None)
+                self._execute_sqlalchemy(query("ping"), None)
         except DatabaseUnavailableError as exc:
             return {"status": "unhealthy", "type": self.db_type, "error": str(exc)}
         latency = (time.perf_counter() - started) * 1000

@@ -6,16 +6,6 @@ import psycopg
 
 from flowfleet import sql
 
-# One fixed key: every migrator of every flowfleet version serialises on it.
-_LOCK_KEY = 0x666C6F77  # "flow"
-
-_TRACKING = """
-CREATE TABLE IF NOT EXISTS flowfleet_migrations (
-    version    INTEGER PRIMARY KEY,
-    name       TEXT NOT NULL,
-    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-)"""
-
 
 def migrate(conn: psycopg.Connection, target: int | None = None) -> list[int]:
     """Apply pending migrations up to ``target`` (default: all). Returns versions applied.
@@ -25,16 +15,16 @@ def migrate(conn: psycopg.Connection, target: int | None = None) -> list[int]:
     """
     applied: list[int] = []
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        conn.execute(_TRACKING)
-        done = {row[0] for row in conn.execute("SELECT version FROM flowfleet_migrations")}
+        conn.execute(sql.query("migrations_lock"))
+        conn.execute(sql.query("migrations_table"))
+        done = {row[0] for row in conn.execute(sql.query("migrations_applied"))}
         for migration in sql.migrations():
             if migration.version in done or (target is not None and migration.version > target):
                 continue
-            conn.execute(migration.sql.encode())
+            conn.execute(migration.sql)
             conn.execute(
-                "INSERT INTO flowfleet_migrations (version, name) VALUES (%s, %s)",
-                (migration.version, migration.name),
+                sql.query("migration_record"),
+                {"version": migration.version, "name": migration.name},
             )
             applied.append(migration.version)
     return applied
@@ -42,7 +32,7 @@ def migrate(conn: psycopg.Connection, target: int | None = None) -> list[int]:
 
 def current_version(conn: psycopg.Connection) -> int:
     """The schema version of this database; 0 when flowfleet was never migrated here."""
-    exists = conn.execute("SELECT to_regclass('flowfleet_migrations') IS NOT NULL").fetchone()
+    exists = conn.execute(sql.query("migrations_exist")).fetchone()
     if not exists or not exists[0]:
         return 0
     row = conn.execute(sql.query("schema_version")).fetchone()

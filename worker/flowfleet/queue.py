@@ -21,9 +21,6 @@ from flowfleet.errors import InvalidRecordError
 from flowfleet.sql import query
 
 MAX_FLOW_NAME = 100
-# Wake-ups for idle workers go out on one channel with the flow name as payload, so flow
-# names never have to become channel identifiers.
-CHANNEL = "flowfleet_queue"
 
 # json.dumps writes a NUL character as \u0000; an escaped backslash followed by "u0000"
 # (an even run of backslashes before it) is ordinary text.
@@ -134,7 +131,7 @@ def enqueue(
     with conn.transaction():
         if dedup_key is None and delay_seconds == 0 and priority == 0:
             # The common case rides on column defaults: the least bytes on the wire.
-            with conn.cursor().copy("COPY processing_queue (flow_name, payload) FROM STDIN") as cp:
+            with conn.cursor().copy(query("copy_records")) as cp:
                 cp.write("".join(f"{flow}\t{_copy_escape(text)}\n" for text, _ in rows))
             count = len(rows)
         else:
@@ -150,17 +147,11 @@ def _enqueue_staged(
     priority: int,
     delay_seconds: float,
 ) -> int:
-    conn.execute(
-        "CREATE TEMPORARY TABLE IF NOT EXISTS flowfleet_staging ("
-        " flow_name text, payload jsonb, priority smallint, available_at timestamp,"
-        " dedup_key text) ON COMMIT DELETE ROWS"
-    )
-    available = conn.execute(
-        "SELECT LOCALTIMESTAMP + make_interval(secs => %s::float8)", (delay_seconds,)
-    ).fetchone()
+    conn.execute(query("staging_table"))
+    available = conn.execute(query("available_after"), {"delay_seconds": delay_seconds}).fetchone()
     assert available is not None
     stamp = available[0].isoformat()
-    with conn.cursor().copy("COPY flowfleet_staging FROM STDIN") as cp:
+    with conn.cursor().copy(query("copy_staging")) as cp:
         cp.write(
             "".join(
                 f"{flow}\t{_copy_escape(text)}\t{priority}\t{stamp}\t{_copy_field(key)}\n"
@@ -169,6 +160,12 @@ def _enqueue_staged(
         )
     cur = conn.execute(query("enqueue_from_staging"))
     return cur.rowcount
+
+
+def listen(conn: psycopg.Connection) -> None:
+    """Subscribe ``conn`` to enqueue wake-ups. One channel for every flow, with the flow
+    name as payload, so flow names never have to become channel identifiers."""
+    conn.execute(query("listen"))
 
 
 def _claimed(rows: list[tuple[Any, ...]]) -> list[Claimed]:

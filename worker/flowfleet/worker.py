@@ -344,7 +344,7 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 with self.db.connect() as conn:
-                    conn.execute(f"LISTEN {queue.CHANNEL}")
+                    queue.listen(conn)
                     delay = 0.5
                     self.wake.bump()  # anything enqueued while we were away
                     while not self.stopping.is_set():

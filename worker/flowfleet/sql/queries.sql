@@ -191,5 +191,50 @@ SELECT flow_name,
  WHERE updated_at > LOCALTIMESTAMP - make_interval(secs => %(window_seconds)s::float8)
  GROUP BY flow_name;
 
+-- name: session_setup
+-- Queue timestamps are TIMESTAMP (the seed's type) compared with LOCALTIMESTAMP, so every
+-- session must agree on one zone or leases would drift by the zone offset.
+SET TIME ZONE 'UTC';
+
+-- name: ping
+SELECT 1;
+
+-- name: listen
+LISTEN flowfleet_queue;
+
+-- name: copy_records
+COPY processing_queue (flow_name, payload) FROM STDIN;
+
+-- name: staging_table
+CREATE TEMPORARY TABLE IF NOT EXISTS flowfleet_staging (
+    flow_name text, payload jsonb, priority smallint, available_at timestamp, dedup_key text
+) ON COMMIT DELETE ROWS;
+
+-- name: copy_staging
+COPY flowfleet_staging FROM STDIN;
+
+-- name: available_after
+SELECT LOCALTIMESTAMP + make_interval(secs => %(delay_seconds)s::float8);
+
+-- name: migrations_lock
+-- One fixed key ("flow"): every migrator of every flowfleet version serialises on it.
+SELECT pg_advisory_xact_lock(1718382455);
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS flowfleet_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- name: migrations_applied
+SELECT version FROM flowfleet_migrations;
+
+-- name: migration_record
+INSERT INTO flowfleet_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: migrations_exist
+SELECT to_regclass('flowfleet_migrations') IS NOT NULL;
+
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM flowfleet_migrations;
