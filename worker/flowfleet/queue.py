@@ -318,15 +318,21 @@ def release_orphans(
 _COUNTS = ("pending_records", "processing_records", "completed_records", "failed_records")
 
 
-def stats(conn: psycopg.Connection, flow_name: str | None = None) -> dict[str, dict[str, int]]:
+def stats(
+    conn: psycopg.Connection, flow_name: str | None = None, *, completed: bool = True
+) -> dict[str, dict[str, int]]:
     """Per-flow counts: ``{flow: {pending_records, processing_records, completed_records,
-    failed_records, ready_records}}``; ``ready_records`` excludes those waiting out a delay."""
+    failed_records, ready_records}}``; ``ready_records`` excludes those waiting out a delay.
+    ``completed=False`` skips counting history, which grows without bound, for callers
+    that ask often and only about the live queue."""
     params = {"flow_name": flow_name}
     flows: dict[str, dict[str, int]] = {}
     with conn.cursor(row_factory=dict_row) as cur:
         for row in cur.execute(query("stats_by_flow"), params):
             name = row.pop("flow_name")
             flows[name] = {k: int(v) for k, v in row.items()}
+        if not completed:
+            return flows
         for row in cur.execute(query("completed_by_flow"), params):
             counts = flows.setdefault(
                 row["flow_name"], dict.fromkeys((*_COUNTS, "ready_records"), 0)

@@ -332,7 +332,8 @@ class Worker:
         return self.hard_stop_at is None or time.monotonic() < self.hard_stop_at
 
     def queue_is_empty(self, conn: psycopg.Connection) -> bool:
-        counts = queue.stats(conn, self.settings.flow_name).get(self.settings.flow_name, {})
+        flow = self.settings.flow_name
+        counts = queue.stats(conn, flow, completed=False).get(flow, {})
         return counts.get("pending_records", 0) == 0 and counts.get("processing_records", 0) == 0
 
     # -- background threads ---------------------------------------------------------
@@ -386,8 +387,11 @@ class Worker:
             conn.close()
 
     def _sample_depth(self, conn: psycopg.Connection) -> None:
-        counts = queue.stats(conn, self.settings.flow_name).get(self.settings.flow_name, {})
-        for status in ("pending", "processing", "completed", "failed"):
+        # The live queue only: every worker samples it every few seconds, and counting
+        # the ever-growing history that often would cost more than the work it watches.
+        flow = self.settings.flow_name
+        counts = queue.stats(conn, flow, completed=False).get(flow, {})
+        for status in ("pending", "processing", "failed"):
             self.metrics.queue_depth.labels(self.settings.flow_name, status).set(
                 counts.get(f"{status}_records", 0)
             )
