@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowfleet.database import DatabaseManager, describe_dsn, redact
-from flowfleet.errors import DatabaseUnavailableError
+from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
 
 SECRET = "s3cretpw"  # noqa: S105 - a fake password the output must not show
 
@@ -91,3 +91,19 @@ def test_unavailable_keeps_one_line() -> None:
     assert "\n" not in str(err)
     assert "connection refused" in str(err)
     assert "no answer" in str(pg.unavailable(""))
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:4242/Xy9+s3cret@127.0.0.1:1/db",  # base64 password with a "/"
+        "postgresql://app:ab/Xy9+s3cret@127.0.0.1:1/db",
+        "postgresql://app:Xy9/s3cret@db.example:5432/rpa",
+    ],
+)
+def test_password_with_unescaped_slash_never_reaches_a_message(dsn: str) -> None:
+    assert "s3cret" not in describe_dsn(dsn)
+    with pytest.raises(DatabaseConfigError) as caught:
+        DatabaseManager("queue", connection_string=dsn)
+    assert "s3cret" not in str(caught.value)
+    assert "percent-encode" in str(caught.value)

@@ -50,7 +50,12 @@ def describe_dsn(dsn: str) -> str:
     except psycopg.ProgrammingError:
         return "an unparsable connection string"
     host = info.get("host") or info.get("hostaddr") or "localhost"
-    return f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
+    place = f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
+    if "@" in place or "/" in place.split("/", 1)[1]:
+        # A password holding an unescaped "/" makes libpq read the rest of the URL (the
+        # password among it) as host, port and database: show none of it.
+        return "a connection string that does not parse as intended (percent-encode the password)"
+    return place
 
 
 def check_dsn(name: str, dsn: str) -> None:
@@ -64,10 +69,18 @@ def check_dsn(name: str, dsn: str) -> None:
             f"the connection string of database {name!r} is malformed (expected "
             "postgresql://user:password@host:port/dbname or key=value pairs)"
         ) from None
+    if any("@" in str(info.get(k) or "") for k in ("host", "port", "dbname", "user")):
+        raise DatabaseConfigError(
+            f"the connection string of database {name!r} does not parse as intended: an "
+            "'@' lands in its host or database name (percent-encode '/', '@' and ':' in "
+            "the password)"
+        )
     port = str(info.get("port") or "")
     if port and not all(p.strip().isdigit() for p in port.split(",")):
+        # Not quoted: with an unescaped "/" in the password, this "port" is part of it.
         raise DatabaseConfigError(
-            f"the connection string of database {name!r} has port {port!r}, not a number"
+            f"the connection string of database {name!r} has a port that is not a number "
+            "(if its password holds '/', '@' or ':', percent-encode them)"
         )
 
 
