@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -112,4 +113,43 @@ def test_record_outlasting_the_grace_period_is_released(
     # Handed back at once (not after the lease): pending, retries unspent, no claim.
     assert left_in_queue(conn) == [("pending", 0, None, None, None, None)] * 10
     assert queue_counts(conn, FLOW)["completed"] == 0
-    assert worker.logged("grace period over: released 10 in-flight records")
+    assert worker.logged("grace period over: completed 0 processed records, released 10 others")
+
+
+def test_records_processed_during_the_grace_period_are_completed_not_rerun(
+    fleet: Fleet, dsn: str, conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    """A batch too long for the grace period: the records it did process are completed,
+    only the ones it never started go back; a second worker runs each of those once."""
+    total, grace = 50, 3.0
+    effects = tmp_path / "effects.log"
+    env = {"FLOWFLEET_TEST_LOG": str(effects), "FLOWFLEET_TEST_SLEEP": "0.5"}
+    enqueue_keys(conn, FLOW, range(total))
+    worker = fleet.start(
+        FLOW,
+        "processors.effects:append_log",
+        dsn,
+        name="long-batch",
+        env=env,
+        args=["--batch-size", str(total), "--grace-seconds", str(grace)],
+    )
+    wait_until(lambda: effects.exists() and len(effects.read_text().split()) >= 2, 20)
+    sent = time.monotonic()
+    worker.send(signal.SIGTERM)
+    assert worker.wait_exit(grace + MARGIN) == 0, worker.stderr()
+    assert time.monotonic() - sent < grace + MARGIN
+
+    ran = effects.read_text().split()
+    counts = queue_counts(conn, FLOW)
+    assert 2 <= len(ran) < total
+    assert counts["completed"] == len(ran)  # every record that ran is completed
+    assert counts["pending"] == total - len(ran) and counts["processing"] == 0
+    assert set(left_in_queue(conn)) == {("pending", 0, None, None, None, None)}
+
+    env["FLOWFLEET_TEST_SLEEP"] = "0"
+    second = fleet.start(
+        FLOW, "processors.effects:append_log", dsn, env=env, args=["--exit-when-empty"]
+    )
+    assert second.wait_exit(30) == 0, second.stderr()
+    runs = effects.read_text().split()
+    assert sorted(map(int, runs)) == list(range(total))  # each record ran exactly once

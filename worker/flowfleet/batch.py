@@ -57,11 +57,14 @@ def run_batch(
     call: Callable[..., Any] | None = None,
     should_continue: Callable[[], bool] = lambda: True,
     instance_id: str | None = None,
+    outcome: BatchOutcome | None = None,
 ) -> BatchOutcome:
     """Process ``records``; stop starting new ones once ``should_continue()`` is false and
-    report those as ``unprocessed`` for the caller to release."""
+    report those as ``unprocessed`` for the caller to release. A caller that passes
+    ``outcome`` can read it while the batch runs (results land before their record)."""
     invoke = call or processor.fn
-    outcome = BatchOutcome(claimed=len(records))
+    outcome = outcome if outcome is not None else BatchOutcome()
+    outcome.claimed = len(records)
     for index, record in enumerate(records):
         if not should_continue():
             outcome.unprocessed.extend(records[index:])
@@ -74,7 +77,12 @@ def run_batch(
                         raise _Fenced
                 outcome.committed += 1
             else:
-                outcome.results.append(invoke(record.payload))
+                result = invoke(record.payload)
+                if result is not None:
+                    # Checked now, so a result jsonb cannot store fails its own record
+                    # instead of the batch's completion.
+                    queue.to_json(result, "the processor's result")
+                outcome.results.append(result)
                 outcome.completed.append(record)
         except _Fenced:
             outcome.fenced += 1

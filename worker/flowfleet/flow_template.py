@@ -68,6 +68,7 @@ def process_records(record_ids: list[int], context: dict[str, Any]) -> dict[str,
         call=_invoke_under_prefect(context["processor"]),
         should_continue=context.get("should_continue", lambda: True),
         instance_id=context.get("instance_id"),
+        outcome=context.get("outcome"),
     )
     context["outcome"] = outcome
     counts = outcome.counts()
@@ -117,14 +118,3 @@ def _process(
     counts["completed"] -= fenced
     counts["fenced"] += fenced
     return counts
-
-
-def make_batch_flow(flow_name: str) -> Any:
-    """The worker's per-batch flow: async, so a flow run costs tens of milliseconds
-    instead of the second a sync flow spends joining its heartbeat thread."""
-
-    @flow(name=flow_name, persist_result=False, validate_parameters=False)
-    async def batch_flow(record_ids: list[int], context: dict[str, Any]) -> dict[str, int]:
-        return process_records(record_ids, context)
-
-    return batch_flow

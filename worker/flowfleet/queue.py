@@ -100,14 +100,20 @@ def encode_records(
             raise InvalidRecordError(
                 f"record {index}: payload must be a JSON object, got {type(record).__name__}"
             )
-        try:
-            text = json.dumps(record, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRecordError(f"record {index}: not JSON-serialisable: {exc}") from None
-        if "\\u0000" in text and _NUL_ESCAPE.search(text):
-            raise InvalidRecordError(f"record {index}: PostgreSQL JSON cannot hold NUL (\\u0000)")
-        encoded.append((text, _dedup_of(record, dedup_key)))
+        encoded.append((to_json(record, f"record {index}"), _dedup_of(record, dedup_key)))
     return encoded
+
+
+def to_json(value: Any, what: str) -> str:
+    """``value`` as JSON that PostgreSQL's jsonb accepts, or an InvalidRecordError that
+    starts with ``what``."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRecordError(f"{what}: not JSON-serialisable: {exc}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+        raise InvalidRecordError(f"{what}: PostgreSQL JSON cannot hold NUL (\\u0000)")
+    return text
 
 
 def enqueue(

@@ -76,6 +76,9 @@ class ClaimLoop:
         self.conn: psycopg.Connection | None = None
         self.lock = threading.Lock()
         self.in_flight: list[queue.Claimed] = []
+        # The batch being processed, filled record by record: at the end of the grace
+        # period the main thread completes what it holds and releases only the rest.
+        self.live: BatchOutcome | None = None
         self.thread = threading.Thread(target=self.run, name=f"claim-{index}", daemon=True)
         self.batches = 0
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -92,11 +95,24 @@ class ClaimLoop:
         with self.lock:
             count = len(self.in_flight)
             self.in_flight = []
+            self.live = None
         self.worker.metrics.in_flight.dec(count)
 
     def snapshot(self) -> list[queue.Claimed]:
         with self.lock:
             return list(self.in_flight)
+
+    def leftovers(self) -> tuple[list[queue.Claimed], list[Any], list[queue.Claimed]]:
+        """(processed but not yet completed, their results, the rest) of the batch."""
+        with self.lock:
+            in_flight, live = list(self.in_flight), self.live
+        if live is None:
+            return [], [], in_flight
+        # Results are appended before their record, so they are never fewer.
+        done = list(live.completed)
+        results = live.results[: len(done)]
+        finished = {r.id for r in done}
+        return done, results, [r for r in in_flight if r.id not in finished]
 
     # -- the loop -------------------------------------------------------------------
 
@@ -111,7 +127,7 @@ class ClaimLoop:
                 batch = self._claim()
                 if batch:
                     worker.runner(self, batch)
-                    delay = 0.5  # only a batch that ran clean ends the backoff
+                    delay = 0.5  # a clean pass (a batch run, an empty claim) ends backoff
                     continue
                 delay = 0.5
                 if worker.settings.exit_when_empty and worker.queue_is_empty(self.conn):
@@ -170,7 +186,7 @@ class ClaimLoop:
     def process_until_idle(
         self,
         batch: list[queue.Claimed],
-        run: Callable[[list[queue.Claimed]], BatchOutcome],
+        run: Callable[[list[queue.Claimed], BatchOutcome], BatchOutcome],
         deadline: float | None = None,
     ) -> None:
         """Run batches back to back while work keeps coming, committing each batch's
@@ -179,7 +195,10 @@ class ClaimLoop:
         s = self.worker.settings
         while batch:
             started = time.perf_counter()
-            outcome = run(batch)
+            live = BatchOutcome()
+            with self.lock:
+                self.live = live
+            outcome = run(batch, live)
             self.worker.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.batches += 1
             if outcome.unprocessed:
@@ -220,7 +239,7 @@ class ClaimLoop:
         m.fenced.inc(outcome.fenced)
         m.released.inc(len(outcome.unprocessed))
 
-    def run_plain(self, batch: list[queue.Claimed]) -> BatchOutcome:
+    def run_plain(self, batch: list[queue.Claimed], outcome: BatchOutcome) -> BatchOutcome:
         assert self.conn is not None
         w = self.worker
         return run_batch(
@@ -230,6 +249,7 @@ class ClaimLoop:
             w.policy,
             should_continue=w.accepting_records,
             instance_id=w.instance_id,
+            outcome=outcome,
         )
 
     def event_loop(self) -> asyncio.AbstractEventLoop:
@@ -255,10 +275,11 @@ def make_prefect_runner(flow_name: str) -> Callable[[ClaimLoop, list[queue.Claim
 
     @flow(name=flow_name, persist_result=False, validate_parameters=False)
     async def worker_flow(instance_id: str, first_batch: list[int]) -> int:
+        # The parameters only label the run in Prefect: who ran it, which records began it.
         claim_loop: ClaimLoop = current.loop
         w = claim_loop.worker
 
-        def run(batch: list[queue.Claimed]) -> BatchOutcome:
+        def run(batch: list[queue.Claimed], outcome: BatchOutcome) -> BatchOutcome:
             context: dict[str, Any] = {
                 "conn": claim_loop.conn,
                 "records": batch,
@@ -266,17 +287,18 @@ def make_prefect_runner(flow_name: str) -> Callable[[ClaimLoop, list[queue.Claim
                 "policy": w.policy,
                 "should_continue": w.accepting_records,
                 "instance_id": w.instance_id,
+                "outcome": outcome,
             }
             process_records([r.id for r in batch], context)
-            outcome: BatchOutcome = context["outcome"]
             return outcome
 
+        before = claim_loop.batches
         claim_loop.process_until_idle(
             claim_loop.batch_in_hand,
             run,
             deadline=time.monotonic() + w.settings.flow_run_seconds,
         )
-        return claim_loop.batches
+        return claim_loop.batches - before
 
     def runner(loop: ClaimLoop, batch: list[queue.Claimed]) -> None:
         loop.batch_in_hand = batch
@@ -313,7 +335,6 @@ class Worker:
         self.wake = Wake()
         self.loops = [ClaimLoop(self, i) for i in range(settings.concurrency)]
         self.keeper_tick = time.monotonic()
-        self.schema_version = 0
         self.runner: Callable[[ClaimLoop, list[queue.Claimed]], None] = (
             plain_runner if settings.runner == "plain" else make_prefect_runner(settings.flow_name)
         )
@@ -328,8 +349,12 @@ class Worker:
             self.wake.bump()
 
     def accepting_records(self) -> bool:
-        """Records of a claimed batch still start during the grace period, not after."""
-        return self.hard_stop_at is None or time.monotonic() < self.hard_stop_at
+        """Records of a claimed batch still start during the grace period, until a margin
+        before its end: a record started in the last moment could not finish anyway."""
+        if self.hard_stop_at is None:
+            return True
+        margin = min(2.0, 0.2 * self.settings.grace_seconds)
+        return time.monotonic() < self.hard_stop_at - margin
 
     def queue_is_empty(self, conn: psycopg.Connection) -> bool:
         flow = self.settings.flow_name
@@ -468,7 +493,7 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 with self.db.connection(timeout=5.0) as conn:
-                    self.schema_version = check_schema(conn)
+                    check_schema(conn)
                 return True
             except DatabaseUnavailableError as exc:
                 log.warning("%s; retrying in %.0fs", exc, delay)
@@ -477,19 +502,36 @@ class Worker:
         return False
 
     def _drain(self) -> None:
-        """Wait out the grace period for loops to finish, then hand back what is left."""
+        """Wait out the grace period for loops to finish, then settle what is left: records
+        already processed are completed, the others handed back."""
         assert self.hard_stop_at is not None
         for loop in self.loops:
             loop.thread.join(max(0.0, self.hard_stop_at - time.monotonic()))
-        leftovers = [r for loop in self.loops for r in loop.snapshot()]
-        if leftovers:
-            # Records still running past the grace period: hand them back so another
-            # worker takes them now rather than after the lease. The fence makes a late
-            # completion from the abandoned thread a no-op.
-            try:
-                with self.db.connection(timeout=5.0) as conn:
-                    released = queue.release(conn, leftovers)
-                log.warning("grace period over: released %d in-flight records", len(released))
-                self.metrics.released.inc(len(released))
-            except DatabaseUnavailableError as exc:
-                log.warning("could not release in-flight records (%s); their leases will", exc)
+        done: list[queue.Claimed] = []
+        results: list[Any] = []
+        rest: list[queue.Claimed] = []
+        for loop in self.loops:
+            if loop.thread.is_alive():
+                loop_done, loop_results, loop_rest = loop.leftovers()
+                done += loop_done
+                results += loop_results
+                rest += loop_rest
+        if not done and not rest:
+            return
+        # The abandoned threads may still answer; the claim tokens make their late
+        # completions and releases no-ops.
+        try:
+            with self.db.connection(timeout=5.0) as conn:
+                completed = queue.complete(
+                    conn, done, results if any(r is not None for r in results) else None
+                )
+                released = queue.release(conn, rest)
+            log.warning(
+                "grace period over: completed %d processed records, released %d others",
+                len(completed),
+                len(released),
+            )
+            self.metrics.completed.inc(len(completed))
+            self.metrics.released.inc(len(released))
+        except DatabaseUnavailableError as exc:
+            log.warning("could not settle in-flight records (%s); their leases will", exc)

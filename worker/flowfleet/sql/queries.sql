@@ -95,7 +95,8 @@ UPDATE processing_queue
        retry_count = CASE WHEN retry_count < %(max_retries)s THEN retry_count + 1
                           ELSE retry_count END,
        available_at = LOCALTIMESTAMP + make_interval(secs =>
-           LEAST(%(backoff_cap)s::float8, %(backoff_base)s::float8 * power(2, retry_count))
+           LEAST(%(backoff_cap)s::float8,
+                 %(backoff_base)s::float8 * power(2, LEAST(retry_count, 60)))
            * (0.5 + random() / 2)),
        error_message = %(error_message)s,
        error_details = %(error_details)s,
