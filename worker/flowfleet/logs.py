@@ -51,7 +51,10 @@ def configure(flow_name: str, instance_id: str, fmt: str = "auto") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     handler.addFilter(_Context(flow_name, instance_id))
-    root = logging.getLogger("flowfleet")
+    # On the root logger, so what libraries (psycopg, its pool, urllib3) and Python's
+    # warnings have to say arrives in the same format with the same context.
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    logging.getLogger("flowfleet").setLevel(logging.INFO)
+    logging.captureWarnings(True)
