@@ -27,6 +27,31 @@ CREATE TABLE IF NOT EXISTS processing_queue (
     error_details    TEXT
 );
 
+-- A database that already holds the seed's processing_queue (its existing users) keeps
+-- its rows: the table is widened in place, and the seed's nullable columns are filled
+-- and tightened, since a NULL retry_count would fail a record at its first error.
+ALTER TABLE processing_queue
+    ADD COLUMN IF NOT EXISTS priority         SMALLINT NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS available_at     TIMESTAMP NOT NULL DEFAULT NOW(),
+    ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMP,
+    ADD COLUMN IF NOT EXISTS claim_token      BIGINT,
+    ADD COLUMN IF NOT EXISTS dedup_key        TEXT,
+    ADD COLUMN IF NOT EXISTS error_details    TEXT;
+UPDATE processing_queue
+   SET retry_count = coalesce(retry_count, 0), status = coalesce(status, 'pending'),
+       created_at = coalesce(created_at, NOW()), updated_at = coalesce(updated_at, NOW())
+ WHERE retry_count IS NULL OR status IS NULL OR created_at IS NULL OR updated_at IS NULL;
+ALTER TABLE processing_queue
+    ALTER COLUMN retry_count SET NOT NULL,
+    ALTER COLUMN status SET NOT NULL,
+    ALTER COLUMN created_at SET NOT NULL,
+    ALTER COLUMN updated_at SET NOT NULL;
+-- Claims made before flowfleet carry no lease: give them the seed's orphan timeout (2 h
+-- from their claim), after which any worker or `flowfleet cleanup` takes them back.
+UPDATE processing_queue
+   SET lease_expires_at = coalesce(claimed_at, updated_at) + INTERVAL '2 hours'
+ WHERE status = 'processing' AND lease_expires_at IS NULL;
+
 -- The claim path: pending rows of one flow in priority, then FIFO, order. Partial, so it
 -- holds only claimable work and stays small however many records finish.
 CREATE INDEX IF NOT EXISTS processing_queue_claim_idx
@@ -69,6 +94,18 @@ CREATE TABLE IF NOT EXISTS processing_history (
 
 CREATE INDEX IF NOT EXISTS processing_history_flow_completed_idx
     ON processing_history (flow_name, completed_at);
+
+-- The seed kept completed records in the queue; they move to history like any other.
+WITH done AS (
+    DELETE FROM processing_queue WHERE status = 'completed' RETURNING *
+)
+INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
+                                completed_at, error_message, retry_count, created_at,
+                                updated_at, priority, dedup_key)
+SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at,
+       coalesce(completed_at, updated_at), error_message, retry_count, created_at,
+       updated_at, priority, dedup_key
+  FROM done;
 
 -- Every record, wherever it lives now: the seed's "status = 'completed'" questions read this.
 CREATE OR REPLACE VIEW processing_records AS
