@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import psycopg
 import typer
 
-from flowfleet.database import DatabaseManager
+from flowfleet.database import DatabaseManager, redact
 from flowfleet.errors import FlowfleetError, InvalidRecordError
 
 app = typer.Typer(
@@ -61,6 +62,10 @@ def user_errors() -> Iterator[None]:
         yield
     except FlowfleetError as exc:
         fail(str(exc))
+    except psycopg.Error as exc:
+        # Anything else the database refuses: its first line, which names no secret.
+        lines = str(exc).strip().splitlines()
+        fail(f"database error: {redact(lines[0]) if lines else type(exc).__name__}")
 
 
 def print_json(value: Any) -> None:
@@ -150,6 +155,8 @@ def enqueue(
             records = read_records(source)
         except OSError as exc:
             raise InvalidRecordError(f"cannot read {source}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise InvalidRecordError(f"cannot read {source}: not UTF-8 text") from None
         processor = DistributedProcessor(database(dsn, db))
         count = processor.add_records_to_queue(
             flow, records, priority=priority, delay_seconds=delay, dedup_key=dedup_key

@@ -198,13 +198,19 @@ class DatabaseManager:
 
     @contextmanager
     def connection(self, timeout: float = 10.0) -> Iterator[psycopg.Connection]:
-        """A pooled autocommit connection; a DatabaseUnavailableError if none can be had."""
+        """A pooled autocommit connection; a DatabaseUnavailableError if none can be had or
+        it breaks while in use. Errors of a statement on a live connection (a deadlock, a
+        cancel, a lock timeout) pass through as themselves, for callers to retry."""
+        held: psycopg.Connection | None = None
         try:
             with self.pool.connection(timeout=timeout) as conn:
+                held = conn
                 yield conn
         except PoolTimeout as exc:
             raise self.unavailable(self._probe_error() or exc) from None
         except psycopg.OperationalError as exc:
+            if held is not None and not held.broken:
+                raise
             raise self.unavailable(exc) from None
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:

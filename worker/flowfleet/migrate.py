@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from flowfleet import sql
+from flowfleet.errors import SchemaError
 
 
 def migrate(conn: psycopg.Connection, target: int | None = None) -> list[int]:
@@ -21,7 +22,15 @@ def migrate(conn: psycopg.Connection, target: int | None = None) -> list[int]:
         for migration in sql.migrations():
             if migration.version in done or (target is not None and migration.version > target):
                 continue
-            conn.execute(migration.sql)
+            try:
+                conn.execute(migration.sql)
+            except psycopg.Error as exc:
+                # The transaction rolls back whole: the schema stays as it was.
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise SchemaError(
+                    f"migration {migration.version:04d}_{migration.name} failed, nothing "
+                    f"was changed: {first}"
+                ) from None
             conn.execute(
                 sql.query("migration_record"),
                 {"version": migration.version, "name": migration.name},

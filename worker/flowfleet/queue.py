@@ -21,6 +21,7 @@ from flowfleet.errors import InvalidRecordError
 from flowfleet.sql import query
 
 MAX_FLOW_NAME = 100
+MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
 
 # json.dumps writes a NUL character as \u0000; an escaped backslash followed by "u0000"
 # (an even run of backslashes before it) is ordinary text.
@@ -130,6 +131,12 @@ def enqueue(
     Returns the number enqueued (with ``dedup_key``, keys already live are skipped).
     """
     check_flow_name(flow_name)
+    if not -32768 <= priority <= 32767:
+        raise InvalidRecordError(f"priority {priority} is outside -32768..32767")
+    if not 0 <= delay_seconds <= MAX_DELAY_SECONDS:
+        raise InvalidRecordError(
+            f"delay of {delay_seconds} s is outside 0..{MAX_DELAY_SECONDS} (10 years)"
+        )
     rows = encode_records(records, dedup_key)
     if not rows:
         return 0
