@@ -50,6 +50,7 @@ class DistributedProcessor:
         self.lease_seconds = lease_seconds or settings.get_variable(
             "lease_seconds", self.cleanup_timeout_hours * 3600
         )
+        self.max_abandons = int(settings.get_variable("max_abandons", queue.DEFAULT_MAX_ABANDONS))
         self._tokens: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -144,7 +145,7 @@ class DistributedProcessor:
         ``cleanup_timeout_hours`` (the seed's ``CLEANUP_TIMEOUT_HOURS``) unless renewed."""
         seconds = None if timeout_hours is None else timeout_hours * 3600
         with self.queue_db.connection() as conn:
-            return len(queue.release_orphans(conn, seconds))
+            return len(queue.release_orphans(conn, seconds, max_abandons=self.max_abandons))
 
     def cleanup_completed_records(self, older_than_hours: float = 24 * 7) -> int:
         """Delete completed records older than ``older_than_hours``; returns how many."""

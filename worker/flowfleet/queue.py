@@ -22,6 +22,8 @@ from flowfleet.sql import query
 
 MAX_FLOW_NAME = 100
 MAX_DELAY_SECONDS = 10 * 365 * 24 * 3600
+# Times a record's worker may die holding it before the record is failed as the cause.
+DEFAULT_MAX_ABANDONS = 3
 
 # json.dumps writes a NUL character as \u0000; an escaped backslash followed by "u0000"
 # (an even run of backslashes before it) is ordinary text.
@@ -318,12 +320,18 @@ def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_second
 
 
 def release_orphans(
-    conn: psycopg.Connection, timeout_seconds: float | None = None, flow_name: str | None = None
+    conn: psycopg.Connection,
+    timeout_seconds: float | None = None,
+    flow_name: str | None = None,
+    *,
+    max_abandons: int = DEFAULT_MAX_ABANDONS,
 ) -> list[int]:
     """Return records of dead claimers to the queue without spending a retry: those whose
-    lease expired and, given ``timeout_seconds``, those claimed longer ago than that."""
+    lease expired and, given ``timeout_seconds``, those claimed longer ago than that. A
+    record abandoned ``max_abandons`` times is failed instead. Returns the ids touched."""
     cur = conn.execute(
-        query("release_orphans"), {"timeout_seconds": timeout_seconds, "flow_name": flow_name}
+        query("release_orphans"),
+        {"timeout_seconds": timeout_seconds, "flow_name": flow_name, "max_abandons": max_abandons},
     )
     return [row[0] for row in cur.fetchall()]
 

@@ -25,6 +25,7 @@ ENV_KEYS = {
     "http_port": "worker_http_port",
     "flow_run_seconds": "worker_flow_run_seconds",
     "max_retries": "max_retries",
+    "max_abandons": "max_abandons",
     "retry_backoff_seconds": "retry_backoff_seconds",
     "retry_backoff_max_seconds": "retry_backoff_max_seconds",
 }
@@ -45,6 +46,7 @@ class WorkerSettings(BaseModel):
     http_port: int = Field(8080, ge=0, le=65535)
     flow_run_seconds: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
+    max_abandons: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(1.0, ge=0)
     retry_backoff_max_seconds: float = Field(300.0, ge=0)
     exit_when_empty: bool = False

@@ -399,7 +399,9 @@ class Worker:
                 for loop in self.loops:
                     queue.heartbeat(conn, loop.snapshot(), s.lease_seconds)
                 if time.monotonic() >= next_sweep and not self.stopping.is_set():
-                    released = queue.release_orphans(conn, None, s.flow_name)
+                    released = queue.release_orphans(
+                        conn, None, s.flow_name, max_abandons=s.max_abandons
+                    )
                     if released:
                         log.info("returned %d records of dead claimers to the queue", len(released))
                         self.wake.bump()

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-_NAME = re.compile(r"^-- name: ([a-z_]+)\s*$", re.MULTILINE)
+_NAME = re.compile(r"^-- name: (_?[a-z_]+)\s*$", re.MULTILINE)
 _MIGRATION = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -24,6 +24,15 @@ def queries() -> dict[str, str]:
     parts = _NAME.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     named = {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    # Fragments (names starting with "_") are shared text, spliced in where a query says
+    # {{_name}}: the claim's picking logic exists once for both statements that claim.
+    fragments = {name: named.pop(name).rstrip(";") for name in list(named) if name[0] == "_"}
+    for name, body in named.items():
+        for fragment, text in fragments.items():
+            body = body.replace("{{" + fragment + "}}", text)
+        if "{{" in body:
+            raise RuntimeError(f"query {name!r} names an unknown fragment")
+        named[name] = body
     return named
 
 

@@ -1,16 +1,28 @@
 -- Every statement flowfleet runs, by name. Python refers to them by the name after
 -- "-- name:"; only identifiers are ever composed, and none of these needs one.
 
--- name: claim
--- One statement: pick, lock and stamp. SKIP LOCKED lets concurrent claimers pass each
--- other's locked rows instead of queueing behind them; the token fences completions.
-WITH token AS (SELECT nextval('processing_queue_claim_token_seq') AS value),
-picked AS (
+-- name: _pick
+-- The records a claim takes: pending, due, in priority then FIFO order. A record whose
+-- worker died holding it may be what killed it, so it is claimed alone, ahead of the
+-- rest: it cannot take a batch of innocent records down with it again.
+suspect AS (
     SELECT id FROM processing_queue
-     WHERE flow_name = %(flow_name)s AND status = 'pending' AND available_at <= LOCALTIMESTAMP
+     WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count > 0
+       AND available_at <= LOCALTIMESTAMP
+     ORDER BY priority DESC, id
+     LIMIT 1
+     FOR UPDATE SKIP LOCKED
+), batch AS (
+    SELECT id FROM processing_queue
+     WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count = 0
+       AND available_at <= LOCALTIMESTAMP AND NOT EXISTS (SELECT FROM suspect)
      ORDER BY priority DESC, id
      LIMIT %(batch_size)s
      FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT id FROM suspect UNION ALL SELECT id FROM batch
+), token AS (
+    SELECT nextval('processing_queue_claim_token_seq') AS value
 )
 UPDATE processing_queue q
    SET status = 'processing', flow_instance_id = %(instance_id)s,
@@ -20,6 +32,11 @@ UPDATE processing_queue q
   FROM picked
  WHERE q.id = picked.id
 RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priority;
+
+-- name: claim
+-- One statement: pick, lock and stamp. SKIP LOCKED lets concurrent claimers pass each
+-- other's locked rows instead of queueing behind them; the token fences completions.
+WITH {{_pick}}
 
 -- name: complete_and_claim
 -- The worker's steady state: finish the last batch and take the next in one round trip
@@ -32,26 +49,13 @@ WITH done AS (
 ), archived AS (
     INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id,
                                     claimed_at, completed_at, error_message, retry_count,
-                                    created_at, updated_at, priority, dedup_key)
+                                    created_at, updated_at, priority, dedup_key,
+                                    abandoned_count)
     SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-           error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key
+           error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
+           abandoned_count
       FROM done
-), token AS (SELECT nextval('processing_queue_claim_token_seq') AS value),
-picked AS (
-    SELECT id FROM processing_queue
-     WHERE flow_name = %(flow_name)s AND status = 'pending' AND available_at <= LOCALTIMESTAMP
-     ORDER BY priority DESC, id
-     LIMIT %(batch_size)s
-     FOR UPDATE SKIP LOCKED
-)
-UPDATE processing_queue q
-   SET status = 'processing', flow_instance_id = %(instance_id)s,
-       claimed_at = LOCALTIMESTAMP, updated_at = LOCALTIMESTAMP,
-       lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s),
-       claim_token = (SELECT value FROM token)
-  FROM picked
- WHERE q.id = picked.id
-RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priority;
+), {{_pick}}
 
 -- name: complete
 -- Fenced: a row whose token changed (taken back, re-claimed) is not touched.
@@ -64,9 +68,10 @@ WITH done AS (
 )
 INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
                                 completed_at, error_message, retry_count, created_at,
-                                updated_at, priority, dedup_key, result)
+                                updated_at, priority, dedup_key, result, abandoned_count)
 SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result
+       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result,
+       abandoned_count
   FROM done
 RETURNING id;
 
@@ -80,10 +85,10 @@ WITH done AS (
 )
 INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
                                 completed_at, error_message, retry_count, created_at,
-                                updated_at, priority, dedup_key, result)
+                                updated_at, priority, dedup_key, result, abandoned_count)
 SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
        error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
-       %(result)s::jsonb
+       %(result)s::jsonb, abandoned_count
   FROM done
 RETURNING id;
 
@@ -127,18 +132,30 @@ RETURNING q.id;
 
 -- name: release_orphans
 -- Records whose claimer stopped renewing its lease, or (given the seed's timeout) claimed
--- longer ago than it, go back to pending with their retry count unchanged: the worker died, the
--- record did not fail. Clearing the token fences the dead claimer's late answer.
+-- longer ago than it, go back to pending with their retry count unchanged: the worker
+-- died, the record did not fail. Clearing the token fences the dead claimer's late
+-- answer. A record abandoned max_abandons times is failed instead: it is what kills them.
 UPDATE processing_queue
-   SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
-       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+   SET abandoned_count = abandoned_count + 1,
+       status = CASE WHEN abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
+                     ELSE 'pending' END,
+       error_message = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
+                            THEN format('abandoned %%s times: the worker holding it'
+                                        ' stopped each time (last: %%s), so it may be'
+                                        ' what stops them',
+                                        abandoned_count + 1, flow_instance_id)
+                            ELSE error_message END,
+       flow_instance_id = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
+                               THEN flow_instance_id END,
+       claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL,
+       updated_at = LOCALTIMESTAMP
  WHERE status = 'processing'
    AND (lease_expires_at < LOCALTIMESTAMP
         OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
    -- Without a timeout only expired leases count: a record that runs for hours under a
    -- renewed lease is alive, however old its claim.
    AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
-RETURNING id;
+RETURNING id, status;
 
 -- name: stats_by_flow
 SELECT flow_name,
@@ -163,7 +180,7 @@ DELETE FROM processing_history
 
 -- name: requeue_failed
 UPDATE processing_queue
-   SET status = 'pending', retry_count = 0, available_at = LOCALTIMESTAMP,
+   SET status = 'pending', retry_count = 0, abandoned_count = 0, available_at = LOCALTIMESTAMP,
        flow_instance_id = NULL, claim_token = NULL, lease_expires_at = NULL,
        claimed_at = NULL, updated_at = LOCALTIMESTAMP
  WHERE status = 'failed' AND flow_name = %(flow_name)s
