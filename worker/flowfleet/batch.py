@@ -9,6 +9,7 @@ in which its record's completion commits, so its writes take effect exactly once
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 import psycopg
 
 from flowfleet import queue
+from flowfleet.database import redact
 from flowfleet.entrypoint import Processor
 
 log = logging.getLogger("flowfleet.batch")
@@ -36,6 +38,8 @@ class BatchOutcome:
     failed: int = 0
     fenced: int = 0
     unprocessed: list[queue.Claimed] = field(default_factory=list)
+    # When the record now running started (monotonic), for the stuck-record check.
+    current_started: float | None = None
 
     def counts(self) -> dict[str, int]:
         return {
@@ -69,6 +73,7 @@ def run_batch(
         if not should_continue():
             outcome.unprocessed.extend(records[index:])
             break
+        outcome.current_started = time.monotonic()
         try:
             if processor.takes_conn:
                 with conn.transaction():
@@ -87,13 +92,14 @@ def run_batch(
         except _Fenced:
             outcome.fenced += 1
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"[:2000]
+            # Stored, so redacted: a processor's error may quote a connection string.
+            message = redact(f"{type(exc).__name__}: {exc}")[:2000]
             status = queue.fail(
                 conn,
                 record.id,
                 record.claim_token,
                 message,
-                error_details=traceback.format_exc()[-8000:],
+                error_details=redact(traceback.format_exc())[-8000:],
                 policy=policy,
                 instance_id=instance_id,
             )

@@ -316,6 +316,9 @@ def worker(
     poll_seconds: Annotated[float | None, typer.Option(help="Poll when no NOTIFY comes.")] = None,
     http_port: Annotated[int | None, typer.Option(help="Health/metrics port; 0 = off.")] = None,
     max_retries: Annotated[int | None, typer.Option(help="Retries before failed.")] = None,
+    record_timeout_seconds: Annotated[
+        float | None, typer.Option(help="A record running longer is hung (0 = no limit).")
+    ] = None,
     exit_when_empty: Annotated[
         bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
     ] = False,
@@ -344,6 +347,7 @@ def worker(
                 "poll_seconds": poll_seconds,
                 "http_port": http_port,
                 "max_retries": max_retries,
+                "record_timeout_seconds": record_timeout_seconds,
                 "exit_when_empty": exit_when_empty,
             },
         )

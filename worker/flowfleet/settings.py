@@ -24,6 +24,7 @@ ENV_KEYS = {
     "poll_seconds": "worker_poll_seconds",
     "http_port": "worker_http_port",
     "flow_run_seconds": "worker_flow_run_seconds",
+    "record_timeout_seconds": "worker_record_timeout_seconds",
     "max_retries": "max_retries",
     "max_abandons": "max_abandons",
     "retry_backoff_seconds": "retry_backoff_seconds",
@@ -45,6 +46,9 @@ class WorkerSettings(BaseModel):
     poll_seconds: float = Field(5.0, gt=0)
     http_port: int = Field(8080, ge=0, le=65535)
     flow_run_seconds: float = Field(60.0, gt=0)
+    # 0: no limit. Past it a record counts as hung: its lease is no longer renewed and
+    # /healthz fails, so the pod is restarted and the record treated as abandoned.
+    record_timeout_seconds: float = Field(0.0, ge=0)
     max_retries: int = Field(3, ge=0)
     max_abandons: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(1.0, ge=0)

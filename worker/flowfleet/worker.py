@@ -102,6 +102,15 @@ class ClaimLoop:
         with self.lock:
             return list(self.in_flight)
 
+    def stuck_for(self) -> float:
+        """Seconds the current record has run past the record timeout (0: not stuck)."""
+        limit = self.worker.settings.record_timeout_seconds
+        with self.lock:
+            started = self.live.current_started if self.live is not None else None
+        if not limit or started is None:
+            return 0.0
+        return max(0.0, time.monotonic() - started - limit)
+
     def leftovers(self) -> tuple[list[queue.Claimed], list[Any], list[queue.Claimed]]:
         """(processed but not yet completed, their results, the rest) of the batch."""
         with self.lock:
@@ -397,7 +406,10 @@ class Worker:
                 if conn is None or conn.closed:
                     conn = self.db.connect()
                 for loop in self.loops:
-                    queue.heartbeat(conn, loop.snapshot(), s.lease_seconds)
+                    # A hung record's lease is left to run out: like a crashed worker's,
+                    # it comes back, counted as abandoned.
+                    if not loop.stuck_for():
+                        queue.heartbeat(conn, loop.snapshot(), s.lease_seconds)
                 if time.monotonic() >= next_sweep and not self.stopping.is_set():
                     released = queue.release_orphans(
                         conn, None, s.flow_name, max_abandons=s.max_abandons
@@ -432,6 +444,12 @@ class Worker:
         dead = [loop.index for loop in self.loops if not loop.thread.is_alive()]
         if dead and not self.stopping.is_set():
             return False, f"claim loops {dead} have died"
+        stuck = [loop.index for loop in self.loops if loop.stuck_for()]
+        if stuck:
+            return False, (
+                f"claim loops {stuck} stuck on a record for longer than "
+                f"{self.settings.record_timeout_seconds:g}s"
+            )
         stale = time.monotonic() - self.keeper_tick
         if stale > 3 * self.settings.heartbeat_seconds + 5:
             return False, f"lease keeper stuck for {stale:.0f}s"
