@@ -10,7 +10,6 @@ twice, so the log's duplicates are bounded by what the victims held at the kills
 from __future__ import annotations
 
 import random
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from worker_helpers import (
     Fleet,
     WorkerProcess,
+    drain_then_stop,
     enqueue_keys,
     fleet_fixture,  # noqa: F401 - the fixture `fleet`
     in_flight,
@@ -87,16 +87,8 @@ def test_sigkill_loses_nothing_and_duplicates_only_what_victims_held(
         live.remove(victim)
         live.append(start(f"chaos-r{kill}"))
 
-    def drained() -> bool:
-        counts = queue_counts(conn, FLOW)
-        return counts["pending"] + counts["processing"] == 0
-
-    wait_until(drained, 180, 0.2, "the queue to drain")
+    drain_then_stop(conn, FLOW, live, 180)
     elapsed = time.monotonic() - started
-    for worker in live:
-        worker.send(signal.SIGTERM)
-    for worker in live:
-        assert worker.wait_exit(15) == 0, worker.stderr()
 
     # Exactly once in the queue: every record in the history once, none left, none lost.
     assert conn.execute("SELECT count(*) FROM processing_queue").fetchone() == (0,)

@@ -4,7 +4,6 @@ and the record's next run leaves both, once."""
 
 from __future__ import annotations
 
-import signal
 import time
 
 import psycopg
@@ -12,6 +11,7 @@ import pytest
 from worker_helpers import (
     Fleet,
     WorkerProcess,
+    drain_then_stop,
     enqueue_keys,
     fleet_fixture,  # noqa: F401 - the fixture `fleet`
     in_flight,
@@ -73,15 +73,7 @@ def test_effects_commit_with_completions_through_kills(
         live.remove(victim)
         live.append(start(f"fx-r{kill}"))
 
-    def drained() -> bool:
-        counts = queue_counts(conn, FLOW)
-        return counts["pending"] + counts["processing"] == 0
-
-    wait_until(drained, 90, 0.1, "the queue to drain")
-    for worker in live:
-        worker.send(signal.SIGTERM)
-    for worker in live:
-        assert worker.wait_exit(15) == 0, worker.stderr()
+    drain_then_stop(conn, FLOW, live, 90)
 
     assert held > 0, "no kill landed while a victim held records"
     completed = history_keys(conn)

@@ -305,3 +305,20 @@ def enqueue_keys(
     from flowfleet import queue
 
     queue.enqueue(conn, flow, [{"k": k, **extra} for k in keys])
+
+
+def drain_then_stop(
+    conn: psycopg.Connection, flow: str, workers: Sequence[WorkerProcess], timeout: float
+) -> None:
+    """Wait until the flow has nothing pending or running, then SIGTERM every worker and
+    require each to exit 0."""
+
+    def drained() -> bool:
+        counts = queue_counts(conn, flow)
+        return counts["pending"] + counts["processing"] == 0
+
+    wait_until(drained, timeout, 0.1, "the queue to drain")
+    for worker in workers:
+        worker.send(signal.SIGTERM)
+    for worker in workers:
+        assert worker.wait_exit(15) == 0, worker.stderr()
