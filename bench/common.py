@@ -17,10 +17,7 @@ from flowfleet.throwaway import ThrowawayPostgres
 
 def server() -> ThrowawayPostgres:
     # Durable: fsync and synchronous commit on, as production runs, for both contenders.
-    pg = ThrowawayPostgres(durable=True)
-    pg.start()
-    pg.wait_ready()
-    return pg
+    return ThrowawayPostgres(durable=True).start()
 
 
 def create_database(pg: ThrowawayPostgres, name: str, *, flowfleet_schema: bool) -> str:

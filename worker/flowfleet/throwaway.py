@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from flowfleet.errors import FlowfleetError
 
@@ -51,7 +52,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class ThrowawayPostgres:
+_T = TypeVar("_T", bound="_Throwaway")
+
+
+class _Throwaway:
+    """``with Server() as server:`` starts it and, whatever happens, removes it."""
+
+    def start(self: _T) -> _T:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _T) -> _T:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ThrowawayPostgres(_Throwaway):
     """``with ThrowawayPostgres() as pg: pg.dsn(...)``; everything is removed on exit."""
 
     def __init__(self, *, durable: bool = False, max_connections: int = 200) -> None:
@@ -115,6 +140,7 @@ class ThrowawayPostgres:
             "60",
             "start",
         )
+        self.wait_ready()
         return self
 
     def stop(self) -> None:
@@ -141,21 +167,8 @@ class ThrowawayPostgres:
                     raise
                 time.sleep(0.1)
 
-    def __enter__(self) -> ThrowawayPostgres:
-        self.start()
-        self.wait_ready()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class ThrowawayPrefect:
+class ThrowawayPrefect(_Throwaway):
     """A local Prefect server on a free loopback port with its own PREFECT_HOME, for the
     tests and benchmarks that need one server shared by several processes (without
     PREFECT_API_URL, each process would start a temporary server of its own)."""
@@ -245,14 +258,3 @@ class ThrowawayPrefect:
                 except subprocess.TimeoutExpired:
                     continue
         shutil.rmtree(self.home, ignore_errors=True)
-
-    def __enter__(self) -> ThrowawayPrefect:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
