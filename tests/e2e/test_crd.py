@@ -110,7 +110,7 @@ def test_create_applies_schema_defaults(objs: Any, namespace: str) -> None:
         "recordsPerReplica": 100,
         "scaleDownDelaySeconds": 60,
         "pollIntervalSeconds": 10,
-        "leaseSeconds": 60,
+        "leaseSeconds": 30,
         "maxRetries": 3,
     }
 

@@ -18,8 +18,8 @@ from typing import Any
 import psycopg
 
 from flowfleet import queue
-from flowfleet.database import redact
 from flowfleet.entrypoint import Processor
+from flowfleet.redaction import redact
 
 log = logging.getLogger("flowfleet.batch")
 

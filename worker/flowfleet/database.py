@@ -21,12 +21,10 @@ from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
+from flowfleet.redaction import describe_dsn, redact
 from flowfleet.sql import query
 
 POSTGRES_TYPES = {"postgresql", "postgres"}
-_URL_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
-# key=value DSNs may quote a password holding spaces: password='a b\'c'
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
 def environment() -> str:
@@ -36,26 +34,6 @@ def environment() -> str:
 def env_name(*parts: str) -> str:
     """``env_name("development", "rpa_db", "type")`` -> ``DEVELOPMENT_RPA_DB_TYPE``."""
     return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_").upper() for p in parts)
-
-
-def redact(text: str) -> str:
-    """Strip passwords from anything that may hold a connection string."""
-    return _KV_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
-
-
-def describe_dsn(dsn: str) -> str:
-    """``host:port/dbname`` of a DSN, for messages; never the password."""
-    try:
-        info = conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "an unparsable connection string"
-    host = info.get("host") or info.get("hostaddr") or "localhost"
-    place = f"{host}:{info.get('port') or 5432}/{info.get('dbname') or info.get('user') or ''}"
-    if "@" in place or "/" in place.split("/", 1)[1]:
-        # A password holding an unescaped "/" makes libpq read the rest of the URL (the
-        # password among it) as host, port and database: show none of it.
-        return "a connection string that does not parse as intended (percent-encode the password)"
-    return place
 
 
 def check_dsn(name: str, dsn: str) -> None:

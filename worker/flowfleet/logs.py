@@ -7,7 +7,7 @@ import logging
 import sys
 from datetime import datetime, timezone
 
-from flowfleet.database import redact
+from flowfleet.redaction import redact
 
 
 class _Context(logging.Filter):

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from flowfleet import defaults
 from flowfleet.config import ConfigManager
 from flowfleet.errors import FlowfleetError
 
@@ -37,22 +38,22 @@ class WorkerSettings(BaseModel):
 
     flow_name: str = Field(min_length=1, max_length=100)
     entrypoint: str = Field(min_length=3)
-    runner: Literal["prefect", "plain"] = "prefect"
-    batch_size: int = Field(50, ge=1, le=10_000)
-    concurrency: int = Field(1, ge=1, le=256)
-    lease_seconds: float = Field(30.0, gt=0)
+    runner: Literal["prefect", "plain"] = defaults.RUNNER
+    batch_size: int = Field(defaults.BATCH_SIZE, ge=1, le=10_000)
+    concurrency: int = Field(defaults.CONCURRENCY, ge=1, le=256)
+    lease_seconds: float = Field(float(defaults.LEASE_SECONDS), gt=0)
     # Kubernetes kills a pod 30 s after SIGTERM by default; finish before that.
-    grace_seconds: float = Field(25.0, ge=0)
-    poll_seconds: float = Field(5.0, gt=0)
-    http_port: int = Field(8080, ge=0, le=65535)
-    flow_run_seconds: float = Field(60.0, gt=0)
+    grace_seconds: float = Field(float(defaults.GRACE_SECONDS), ge=0)
+    poll_seconds: float = Field(float(defaults.POLL_SECONDS), gt=0)
+    http_port: int = Field(defaults.HTTP_PORT, ge=0, le=65535)
+    flow_run_seconds: float = Field(float(defaults.FLOW_RUN_SECONDS), gt=0)
     # 0: no limit. Past it a record counts as hung: its lease is no longer renewed and
     # /healthz fails, so the pod is restarted and the record treated as abandoned.
-    record_timeout_seconds: float = Field(0.0, ge=0)
-    max_retries: int = Field(3, ge=0)
-    max_abandons: int = Field(3, ge=1)
-    retry_backoff_seconds: float = Field(1.0, ge=0)
-    retry_backoff_max_seconds: float = Field(300.0, ge=0)
+    record_timeout_seconds: float = Field(float(defaults.RECORD_TIMEOUT_SECONDS), ge=0)
+    max_retries: int = Field(defaults.MAX_RETRIES, ge=0)
+    max_abandons: int = Field(defaults.MAX_ABANDONS, ge=1)
+    retry_backoff_seconds: float = Field(defaults.RETRY_BACKOFF_SECONDS, ge=0)
+    retry_backoff_max_seconds: float = Field(defaults.RETRY_BACKOFF_MAX_SECONDS, ge=0)
     exit_when_empty: bool = False
 
     @property

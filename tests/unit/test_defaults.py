@@ -1,0 +1,63 @@
+"""One source of truth for defaults: the CRD's schema defaults, the worker's settings and
+the Python API all agree with ``flowfleet.defaults``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flowfleet import defaults
+from flowfleet.settings import WorkerSettings
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "distributedflow.yaml"
+
+
+def _spec_properties() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    props: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    return props
+
+
+CRD_FIELDS = {
+    "batchSize": defaults.BATCH_SIZE,
+    "concurrency": defaults.CONCURRENCY,
+    "leaseSeconds": defaults.LEASE_SECONDS,
+    "maxRetries": defaults.MAX_RETRIES,
+    "runner": defaults.RUNNER,
+    "minReplicas": defaults.MIN_REPLICAS,
+    "maxReplicas": defaults.MAX_REPLICAS,
+    "recordsPerReplica": defaults.RECORDS_PER_REPLICA,
+    "scaleDownDelaySeconds": defaults.SCALE_DOWN_DELAY_SECONDS,
+    "pollIntervalSeconds": defaults.POLL_INTERVAL_SECONDS,
+}
+
+WORKER_FIELDS = {
+    "runner": defaults.RUNNER,
+    "batch_size": defaults.BATCH_SIZE,
+    "concurrency": defaults.CONCURRENCY,
+    "lease_seconds": defaults.LEASE_SECONDS,
+    "grace_seconds": defaults.GRACE_SECONDS,
+    "poll_seconds": defaults.POLL_SECONDS,
+    "http_port": defaults.HTTP_PORT,
+    "flow_run_seconds": defaults.FLOW_RUN_SECONDS,
+    "record_timeout_seconds": defaults.RECORD_TIMEOUT_SECONDS,
+    "max_retries": defaults.MAX_RETRIES,
+    "max_abandons": defaults.MAX_ABANDONS,
+    "retry_backoff_seconds": defaults.RETRY_BACKOFF_SECONDS,
+    "retry_backoff_max_seconds": defaults.RETRY_BACKOFF_MAX_SECONDS,
+}
+
+
+def test_crd_defaults_match_the_defaults_module() -> None:
+    props = _spec_properties()
+    found = {name: props[name].get("default") for name in CRD_FIELDS}
+    assert found == CRD_FIELDS
+
+
+def test_worker_settings_defaults_match_the_defaults_module() -> None:
+    fields = WorkerSettings.model_fields
+    found = {name: fields[name].get_default() for name in WORKER_FIELDS}
+    assert found == WORKER_FIELDS
