@@ -358,6 +358,16 @@ def worker(
     raise typer.Exit(code)
 
 
+@app.command()
+def operator() -> None:
+    """Run the DistributedFlow operator (settings from FLOWFLEET_OPERATOR_* env)."""
+    try:
+        from flowfleet_operator.main import run
+    except ImportError as exc:
+        fail(f"the operator needs the operator extra: pip install 'flowfleet[operator]' ({exc})")
+    run()
+
+
 def main() -> None:
     # The pool retries in the background and logs each failed attempt; a command that
     # fails says so once, in its own words.

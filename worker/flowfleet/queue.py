@@ -385,3 +385,51 @@ def requeue_failed(
 def performance(conn: psycopg.Connection, window_seconds: float) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return list(cur.execute(query("performance"), {"window_seconds": window_seconds}))
+
+
+@dataclass(frozen=True)
+class FlowDepth:
+    """One flow's live queue, as the operator scales on it."""
+
+    pending: int
+    ready: int
+    processing: int
+    failed: int
+    busy_instances: int
+    completed_recently: int
+
+
+def depth_of_flows(
+    conn: psycopg.Connection, flow_names: Sequence[str], window_seconds: float
+) -> dict[str, FlowDepth]:
+    """Depth of every named flow in one statement (flows with no records read as zero);
+    ``completed_recently`` counts completions within the last ``window_seconds``."""
+    rows = conn.execute(
+        query("depth_of_flows"),
+        {"flow_names": list(flow_names), "window_seconds": window_seconds},
+    ).fetchall()
+    return {row[0]: FlowDepth(*(int(v) for v in row[1:])) for row in rows}
+
+
+def in_flight_by_instance(conn: psycopg.Connection, flow_name: str) -> dict[str, int]:
+    cur = conn.execute(query("in_flight_by_instance"), {"flow_name": flow_name})
+    return {str(row[0]): int(row[1]) for row in cur.fetchall()}
+
+
+def release_instance(
+    conn: psycopg.Connection,
+    flow_name: str,
+    instance_id: str,
+    *,
+    max_abandons: int = DEFAULT_MAX_ABANDONS,
+) -> list[int]:
+    """Return the claims of a gone instance (pod) to the queue at once, counted as
+    abandoned; wakes the flow's workers when any came back. Returns the ids touched."""
+    cur = conn.execute(
+        query("release_instance"),
+        {"flow_name": flow_name, "instance_id": instance_id, "max_abandons": max_abandons},
+    )
+    touched = [row[0] for row in cur.fetchall()]
+    if touched:
+        conn.execute(query("notify"), {"flow_name": flow_name})
+    return touched

@@ -256,3 +256,69 @@ SELECT to_regclass('flowfleet_migrations') IS NOT NULL;
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM flowfleet_migrations;
+
+-- name: depth_of_flows
+-- The operator's tick: every flow it scales on one database, in one statement. The live
+-- queue holds only unfinished work; recent completions come from history through its
+-- (flow_name, completed_at) index, and busy instances from the in-flight rows alone.
+WITH counts AS (
+    SELECT flow_name,
+           count(*) FILTER (WHERE status = 'pending') AS pending_records,
+           count(*) FILTER (WHERE status = 'pending' AND available_at <= LOCALTIMESTAMP)
+               AS ready_records,
+           count(*) FILTER (WHERE status = 'processing') AS processing_records,
+           count(*) FILTER (WHERE status = 'failed') AS failed_records
+      FROM processing_queue
+     WHERE flow_name = ANY(%(flow_names)s::text[])
+     GROUP BY flow_name
+), busy AS (
+    SELECT flow_name, count(DISTINCT flow_instance_id) AS busy_instances
+      FROM processing_queue
+     WHERE status = 'processing' AND flow_name = ANY(%(flow_names)s::text[])
+     GROUP BY flow_name
+), done AS (
+    SELECT flow_name, count(*) AS completed_recently
+      FROM processing_history
+     WHERE flow_name = ANY(%(flow_names)s::text[])
+       AND completed_at > LOCALTIMESTAMP - make_interval(secs => %(window_seconds)s::float8)
+     GROUP BY flow_name
+)
+SELECT f.flow_name,
+       coalesce(c.pending_records, 0) AS pending_records,
+       coalesce(c.ready_records, 0) AS ready_records,
+       coalesce(c.processing_records, 0) AS processing_records,
+       coalesce(c.failed_records, 0) AS failed_records,
+       coalesce(b.busy_instances, 0) AS busy_instances,
+       coalesce(d.completed_recently, 0) AS completed_recently
+  FROM unnest(%(flow_names)s::text[]) AS f(flow_name)
+  LEFT JOIN counts c USING (flow_name)
+  LEFT JOIN busy b USING (flow_name)
+  LEFT JOIN done d USING (flow_name);
+
+-- name: in_flight_by_instance
+-- Records each instance (pod) of a flow holds now: the pod-deletion-cost of a scale-in.
+SELECT flow_instance_id, count(*) AS in_flight
+  FROM processing_queue
+ WHERE status = 'processing' AND flow_name = %(flow_name)s AND flow_instance_id IS NOT NULL
+ GROUP BY flow_instance_id;
+
+-- name: release_instance
+-- The pod that held these claims is gone: they go back to pending at once instead of
+-- after their lease, counted as abandoned exactly as release_orphans counts them.
+UPDATE processing_queue
+   SET abandoned_count = abandoned_count + 1,
+       status = CASE WHEN abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
+                     ELSE 'pending' END,
+       error_message = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
+                            THEN format('abandoned %%s times: the worker holding it'
+                                        ' stopped each time (last: %%s), so it may be'
+                                        ' what stops them',
+                                        abandoned_count + 1, flow_instance_id)
+                            ELSE error_message END,
+       flow_instance_id = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
+                               THEN flow_instance_id END,
+       claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL,
+       updated_at = LOCALTIMESTAMP
+ WHERE status = 'processing' AND flow_name = %(flow_name)s
+   AND flow_instance_id = %(instance_id)s
+RETURNING id, status;
