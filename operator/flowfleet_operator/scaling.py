@@ -114,7 +114,9 @@ def decide(
     window_start = now - policy.scale_down_delay_seconds
     # A fresh history (operator start) remembers the current count as just wanted: a
     # restart never scales in before the delay has passed.
-    kept = tuple(h for h in history if h[0] >= window_start) or ((now, current),)
+    kept = tuple(h for h in history if h[0] >= window_start)
+    if not kept and policy.scale_down_delay_seconds > 0:
+        kept = ((now, current),)
     history = (*kept, (now, recommended))
     replicas = recommended if recommended >= current else max(n for _, n in history)
     if replicas != current:
