@@ -62,7 +62,7 @@ class Kube:
             )
         except ApiException as exc:
             if exc.status in (403, 404):
-                raise SecretMissing(f"Secret {namespace}/{name} not found") from None
+                raise SecretMissing(f"Secret {namespace}/{name} (key {key!r}) not found") from None
             raise
         encoded = (secret.get("data") or {}).get(key)
         if encoded is None:

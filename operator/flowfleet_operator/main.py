@@ -46,6 +46,9 @@ def configure_logging(settings: OperatorSettings) -> None:
     # Per-request chatter of the API client and aiohttp is noise at INFO.
     for noisy in ("urllib3", "kubernetes", "aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if settings.log_level != "DEBUG":
+        # kopf says "Handler ... succeeded" for every watched event; failures stay.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     logging.captureWarnings(True)
 
 

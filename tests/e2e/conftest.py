@@ -274,3 +274,6 @@ def make_namespace(api: Any) -> Iterator[Callable[[], str]]:
     yield make
     for name in created:
         delete_namespace(core, name)
+
+
+from .operator_fixtures import *  # noqa: E402, F403  (the operator tests' fixtures)
