@@ -77,6 +77,12 @@ class Flow:
     schema_version: int | None = None
     last_scale_time: str | None = None
     secret_checked: float = 0.0
+    desired: int | None = None  # the last decision's replicas
+    deployment_generation: int = 0  # highest metadata.generation seen
+    expected_generation: int = 0  # our last scale's generation is at least this
+    # Status is computed and written under this lock: two writers (a tick, a Deployment
+    # event) must not land an older picture after a newer one.
+    publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def key(self) -> FlowKey:
@@ -224,6 +230,7 @@ class Fleet:
             published=status,
             schema_version=status.get("schemaVersion"),
             last_scale_time=status.get("lastScaleTime"),
+            desired=status.get("desiredReplicas"),
         )
         flow.counts = {
             k: status[k]
@@ -452,6 +459,8 @@ class Fleet:
         )
         decision = decide(policy, depth, flow.replicas, flow.history, time.monotonic())
         flow.history = decision.history
+        changed = decision.replicas != flow.desired
+        flow.desired = decision.replicas
         if decision.replicas != flow.replicas:
             await self._scale(flow, decision)
         if depth is not None:
@@ -484,10 +493,10 @@ class Fleet:
             )
         metrics.DESIRED.labels(*flow.key).set(decision.replicas)
         flow.conditions = cond.summarize_ready(flow.conditions, flow.generation, _now(), None)
-        # A fast-path tick writes status only when it scaled; the periodic one keeps the
-        # counts current. Either way only what changed is written.
-        if not fast or decision.replicas != (flow.published.get("desiredReplicas")):
-            await self.publish(flow, desired=decision.replicas)
+        # A fast-path tick writes status only when the decision changed; the periodic one
+        # keeps the counts current. Either way only what changed is written.
+        if not fast or changed:
+            await self.publish(flow)
         return decision
 
     def _where(self, flow: Flow) -> str:
@@ -500,6 +509,7 @@ class Fleet:
             await self._mark_idle_pods(flow)
         await self.kube.scale_deployment(flow.namespace, flow.name, decision.replicas)
         flow.replicas = decision.replicas
+        flow.expected_generation = flow.deployment_generation + 1
         flow.last_scale_time = _now()
         direction = "up" if decision.replicas > before else "down"
         metrics.SCALE_EVENTS.labels(*flow.key, direction).inc()
@@ -534,8 +544,13 @@ class Fleet:
         if flow is None:
             return
         spec_replicas = int((body.get("spec") or {}).get("replicas") or 0)
+        generation = int((body.get("metadata") or {}).get("generation") or 0)
         status = body.get("status") or {}
-        flow.replicas = spec_replicas
+        flow.deployment_generation = max(flow.deployment_generation, generation)
+        # The watch lags our own writes: an event from before our last scale must not
+        # roll our count back. A change by anyone else bumps the generation past it.
+        if generation >= flow.expected_generation:
+            flow.replicas = spec_replicas
         flow.pods = int(status.get("replicas") or 0)
         flow.ready_pods = int(status.get("readyReplicas") or 0)
         metrics.REPLICAS.labels(namespace, name).set(flow.pods)
@@ -575,14 +590,30 @@ class Fleet:
 
     # -- status -------------------------------------------------------------------------
 
-    async def publish(self, flow: Flow, desired: int | None = None) -> None:
+    async def publish(self, flow: Flow) -> None:
+        async with flow.publishing:
+            status = self._status(flow)
+            if all(flow.published.get(k) == v for k, v in status.items()):
+                return
+            try:
+                await self.kube.patch_flow_status(flow.namespace, flow.name, status)
+            except ApiException as exc:
+                if exc.status != 404:  # deleted meanwhile: nothing to report to
+                    log.warning(
+                        "%s/%s: status not written: %s",
+                        flow.namespace,
+                        flow.name,
+                        api_error_line(exc),
+                    )
+                return
+            flow.published = {**flow.published, **status}
+
+    def _status(self, flow: Flow) -> dict[str, Any]:
         status: dict[str, Any] = {
             **flow.counts,
             "replicas": flow.pods,
             "readyReplicas": flow.ready_pods,
-            "desiredReplicas": desired
-            if desired is not None
-            else flow.published.get("desiredReplicas", flow.replicas),
+            "desiredReplicas": flow.desired if flow.desired is not None else flow.replicas,
             "observedGeneration": flow.generation,
             "selector": selector_string(flow.name),
             "conditions": flow.conditions,
@@ -591,17 +622,7 @@ class Fleet:
             status["schemaVersion"] = flow.schema_version
         if flow.last_scale_time is not None:
             status["lastScaleTime"] = flow.last_scale_time
-        if all(flow.published.get(k) == v for k, v in status.items()):
-            return
-        try:
-            await self.kube.patch_flow_status(flow.namespace, flow.name, status)
-        except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing to report to
-                log.warning(
-                    "%s/%s: status not written: %s", flow.namespace, flow.name, api_error_line(exc)
-                )
-            return
-        flow.published = {**flow.published, **status}
+        return status
 
 
 def flow_reason(flow: Flow) -> str:
