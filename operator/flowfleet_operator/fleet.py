@@ -119,10 +119,12 @@ class DatabaseLoop:
         self.stop = threading.Event()
         self.loop = asyncio.get_running_loop()
         self.task = asyncio.create_task(self.run(), name=f"database {self.db.where}")
-        self.listener = threading.Thread(
-            target=self.db.listen, args=(self._on_notify, self.stop), daemon=True
-        )
-        self.listener.start()
+        self.listener: threading.Thread | None = None
+        if fleet.settings.listen:
+            self.listener = threading.Thread(
+                target=self.db.listen, args=(self._on_notify, self.stop), daemon=True
+            )
+            self.listener.start()
 
     def _on_notify(self, flow_name: str) -> None:  # runs in the listener thread
         self.loop.call_soon_threadsafe(self._notified, flow_name)
@@ -163,7 +165,8 @@ class DatabaseLoop:
         self.stop.set()
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-        await asyncio.to_thread(self.listener.join, 3)
+        if self.listener is not None:
+            await asyncio.to_thread(self.listener.join, 3)
         self.db.close()
 
 

@@ -40,6 +40,11 @@ CLAIMS_RELEASED = Counter(
     _FLOW,
     registry=REGISTRY,
 )
+API_WRITES = Counter(
+    "flowfleet_operator_api_writes",
+    "Writes to the API server (status, scale, apply, pods)",
+    registry=REGISTRY,
+)
 TICK_SECONDS = Histogram(
     "flowfleet_operator_tick_seconds",
     "One database's depth read and scaling decisions",

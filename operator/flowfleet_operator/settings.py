@@ -25,6 +25,8 @@ class OperatorSettings(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     http_port: int = Field(8080, ge=0, le=65535)  # 0: no HTTP server
+    # The NOTIFY fast path; false leaves only the poll (the benchmark's KEDA-style anchor).
+    listen: bool = True
 
     @field_validator("namespaces", mode="before")
     @classmethod
