@@ -19,7 +19,7 @@ import pytest
 from flowfleet import queue
 from flowfleet.sql import latest_version
 
-from .conftest import ControlPlane, wait_until
+from .conftest import REPO, ControlPlane, wait_until
 from .operator_fixtures import (
     APP_PASSWORD,
     GROUP,
@@ -445,3 +445,9 @@ def test_database_down_holds_replicas_then_recovers(env: Env) -> None:
     env.wait_condition("survey", "DatabaseReachable", "True", timeout=30)
     env.wait_condition("survey", "Ready", "True")
     assert env.deployment_replicas("survey") == 2
+
+
+def test_survey_example_is_a_valid_distributedflow(env: Env) -> None:
+    example = str(REPO / "examples" / "distributedflow-survey.yaml")
+    out = env.kubectl("apply", "--dry-run=server", "-f", example)
+    assert "distributedflow.flowfleet.io/survey-processor created (server dry run)" in out
