@@ -77,6 +77,9 @@ class Flow:
     schema_version: int | None = None
     last_scale_time: str | None = None
     secret_checked: float = 0.0
+    # Set while the Secret is gone: the flow keeps scaling on the last connection string
+    # it had, but says so instead of "Connected".
+    secret_error: str | None = None
     desired: int | None = None  # the last decision's replicas
     deployment_generation: int = 0  # highest metadata.generation seen
     expected_generation: int = 0  # our last scale's generation is at least this
@@ -273,6 +276,7 @@ class Fleet:
             await self._secret_missing(flow, str(exc))
             raise self._retry(flow, str(exc)) from None
         flow.secret_checked = time.monotonic()
+        flow.secret_error = None
         loop = await self._attach(flow, dsn)
         try:
             version = await self._schema(flow, loop.db)
@@ -337,6 +341,7 @@ class Fleet:
         flow.deployed = True
 
     async def _secret_missing(self, flow: Flow, message: str) -> None:
+        flow.secret_error = message
         if flow.condition(cond.DATABASE_REACHABLE, False, "SecretNotFound", message):
             post_event(flow, type="Warning", reason="SecretNotFound", message=message)
         self._blocked(flow, "SecretNotFound", message)
@@ -402,13 +407,12 @@ class Fleet:
                         "reading Secret %s/%s: %s", flow.namespace, ref.name, redact(str(exc))
                     )
                     continue
+                found_again, flow.secret_error = flow.secret_error is not None, None
                 if dsn != flow.dsn:
                     log.info("%s/%s: connection string changed; reconnecting", *flow.key)
                     loop = await self._attach(flow, dsn)
                     loop.wake.set()
-                elif (cond.get_condition(flow.conditions, cond.DATABASE_REACHABLE) or {}).get(
-                    "reason"
-                ) == "SecretNotFound":
+                elif found_again:
                     self.databases[dsn].wake.set()
 
     # -- the tick -----------------------------------------------------------------------
@@ -466,10 +470,13 @@ class Fleet:
         flow.desired = decision.replicas
         if decision.replicas != flow.replicas:
             await self._scale(flow, decision)
-        if depth is not None:
+        if flow.secret_error is not None:
+            flow.condition(cond.DATABASE_REACHABLE, False, "SecretNotFound", flow.secret_error)
+        elif depth is not None:
             flow.condition(
                 cond.DATABASE_REACHABLE, True, "Connected", f"connected to {self._where(flow)}"
             )
+        if depth is not None:
             flow.counts = {
                 "pendingRecords": depth.pending,
                 "processingRecords": depth.processing,

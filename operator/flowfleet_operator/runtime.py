@@ -3,7 +3,9 @@ events to the fleet."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -36,6 +38,11 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
 
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     configure_kopf(settings)
+    # Every API call and database read runs in a thread; a database that hangs until its
+    # connect timeout must not starve the others of threads (the default is cores + 4).
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=32, thread_name_prefix="flowfleet")
+    )
     operator_settings: OperatorSettings = memo.operator_settings
     fleet = Fleet(operator_settings, Kube(load_api_client()))
     fleet.start()

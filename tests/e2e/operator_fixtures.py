@@ -155,7 +155,9 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-@pytest.fixture(scope="session")
+# Module scope: the operator watches every namespace, and must not answer the
+# DistributedFlows that other test modules create to test the CRD alone.
+@pytest.fixture(scope="module")
 def flowfleet_operator(
     operator_kubeconfig: Path, operator_crd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:

@@ -325,6 +325,16 @@ def test_missing_secret_names_secret_and_key(env: Env) -> None:
     assert any(e["reason"] == "SecretNotFound" for e in env.events("nosecret"))
     make_secret(env.api, env.namespace, "later-db", {"dsn": env.dsn})
     env.wait_condition("nosecret", "Ready", "True", timeout=30)
+    # Gone again after the flow was deployed: said so within a poll interval or two.
+    env.core().delete_namespaced_secret("later-db", env.namespace)
+    try:
+        cond = env.wait_condition("nosecret", "DatabaseReachable", "False", timeout=10)
+    except AssertionError:
+        print(env.op.log()[-5000:])
+        raise
+    assert cond["reason"] == "SecretNotFound"
+    time.sleep(2.5)  # and it stays said: a working old connection does not flip it back
+    assert env.condition("nosecret", "DatabaseReachable")["reason"] == "SecretNotFound"
     no_password_anywhere(env, "nosecret", APP_PASSWORD)
 
 
@@ -392,7 +402,11 @@ def test_deleted_pod_claims_back_to_pending_within_2s(env: Env) -> None:
             [pods[1]],
         ).fetchone()
         assert still == (10,)
-    assert any(e["reason"] == "ClaimsReleased" for e in env.events("survey"))
+    wait_until(
+        lambda: any(e["reason"] == "ClaimsReleased" for e in env.events("survey")),
+        timeout=10,
+        what="a ClaimsReleased event",
+    )
 
 
 def test_operator_restart_changes_nothing(env: Env) -> None:
