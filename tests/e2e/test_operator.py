@@ -242,6 +242,11 @@ def test_scales_to_the_queue_and_back_after_the_delay(env: Env) -> None:
     )
     assert status["pendingRecords"] == 0
     assert status["recordsPerMinute"] > 0
+    metrics = env.op.metrics()
+    labels = f'name="survey",namespace="{env.namespace}"'
+    assert f"flowfleet_operator_desired_replicas{{{labels}}} 0.0" in metrics
+    assert f'flowfleet_operator_scale_events_total{{direction="up",{labels}}} 1.0' in metrics
+    assert APP_PASSWORD not in metrics
     assert env.condition("survey", "Active")["status"] == "False"
 
 
@@ -288,7 +293,10 @@ def test_invalid_specs_are_rejected_naming_the_field(env: Env, operator_crd: Non
 def no_password_anywhere(env: Env, name: str, password: str) -> None:
     assert password not in json.dumps(env.flow(name).get("status", {}))
     assert password not in json.dumps(env.events(name))
-    assert password not in env.op.log()
+    log = env.op.log()
+    assert password not in log
+    # JSON lines, every one of them.
+    assert all(json.loads(line)["msg"] is not None for line in log.splitlines() if line)
 
 
 def test_wrong_password_then_rotation_without_restart(env: Env) -> None:
