@@ -396,24 +396,28 @@ class Fleet:
                 if flow.dsn is None or now - flow.secret_checked < flow.spec.poll_interval_seconds:
                     continue
                 flow.secret_checked = now
-                ref = flow.spec.database.secret_ref
                 try:
-                    dsn = await self.kube.read_secret_value(flow.namespace, ref.name, ref.key)
-                except SecretMissing as exc:
-                    await self._secret_missing(flow, str(exc))
-                    continue
-                except Exception as exc:
-                    log.warning(
-                        "reading Secret %s/%s: %s", flow.namespace, ref.name, redact(str(exc))
-                    )
-                    continue
-                found_again, flow.secret_error = flow.secret_error is not None, None
-                if dsn != flow.dsn:
-                    log.info("%s/%s: connection string changed; reconnecting", *flow.key)
-                    loop = await self._attach(flow, dsn)
-                    loop.wake.set()
-                elif found_again:
-                    self.databases[dsn].wake.set()
+                    await self._check_secret(flow)
+                except Exception:  # one flow's trouble must not end the checks of all
+                    log.exception("%s/%s: checking its Secret failed", *flow.key)
+
+    async def _check_secret(self, flow: Flow) -> None:
+        ref = flow.spec.database.secret_ref
+        try:
+            dsn = await self.kube.read_secret_value(flow.namespace, ref.name, ref.key)
+        except SecretMissing as exc:
+            await self._secret_missing(flow, str(exc))
+            return
+        except Exception as exc:
+            log.warning("reading Secret %s/%s: %s", flow.namespace, ref.name, redact(str(exc)))
+            return
+        found_again, flow.secret_error = flow.secret_error is not None, None
+        if dsn != flow.dsn:
+            log.info("%s/%s: connection string changed; reconnecting", *flow.key)
+            loop = await self._attach(flow, dsn)
+            loop.wake.set()
+        elif found_again and dsn in self.databases:
+            self.databases[dsn].wake.set()
 
     # -- the tick -----------------------------------------------------------------------
 
@@ -467,9 +471,11 @@ class Fleet:
         decision = decide(policy, depth, flow.replicas, flow.history, time.monotonic())
         flow.history = decision.history
         changed = decision.replicas != flow.desired
-        flow.desired = decision.replicas
         if decision.replicas != flow.replicas:
             await self._scale(flow, decision)
+        # Only now: a status written meanwhile (a Deployment event) shows the old picture
+        # whole rather than the new count beside old conditions.
+        flow.desired = decision.replicas
         if flow.secret_error is not None:
             flow.condition(cond.DATABASE_REACHABLE, False, "SecretNotFound", flow.secret_error)
         elif depth is not None:

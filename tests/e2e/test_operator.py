@@ -247,7 +247,7 @@ def test_scales_to_the_queue_and_back_after_the_delay(env: Env) -> None:
     assert f"flowfleet_operator_desired_replicas{{{labels}}} 0.0" in metrics
     assert f'flowfleet_operator_scale_events_total{{direction="up",{labels}}} 1.0' in metrics
     assert APP_PASSWORD not in metrics
-    assert env.condition("survey", "Active")["status"] == "False"
+    env.wait_condition("survey", "Active", "False", timeout=5)
 
 
 def test_scale_pins_and_removing_replicas_resumes_autoscaling(env: Env) -> None:
@@ -338,7 +338,7 @@ def test_missing_secret_names_secret_and_key(env: Env) -> None:
     try:
         cond = env.wait_condition("nosecret", "DatabaseReachable", "False", timeout=10)
     except AssertionError:
-        print(env.op.log()[-5000:])
+        print("healthy:", env.op.healthy(), env.op.log()[-5000:])
         raise
     assert cond["reason"] == "SecretNotFound"
     time.sleep(2.5)  # and it stays said: a working old connection does not flip it back
@@ -473,3 +473,17 @@ def test_survey_example_is_a_valid_distributedflow(env: Env) -> None:
     example = str(REPO / "examples" / "distributedflow-survey.yaml")
     out = env.kubectl("apply", "--dry-run=server", "-f", example)
     assert "distributedflow.flowfleet.io/survey-processor created (server dry run)" in out
+
+
+def test_operator_needed_no_more_than_its_rbac(env: Env) -> None:
+    """Runs last in this module: nothing the operator did so far (under the contract's
+    ClusterRole) was refused by the API server."""
+    env.apply_flow("survey")
+    env.wait_condition("survey", "Ready", "True")
+    refused = [
+        line
+        for line in env.op.log().splitlines()
+        # Events for objects of a namespace being deleted are refused whatever the RBAC.
+        if ("forbidden" in line.lower() or " 403" in line) and "being terminated" not in line
+    ]
+    assert refused == []
