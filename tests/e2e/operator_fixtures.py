@@ -126,7 +126,8 @@ def operator_kubeconfig(
     from kubernetes import client
 
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    ns, name = "flowfleet-operator-e2e", "flowfleet-operator"
+    # Names of our own, so a helm-installed chart in the same cluster never collides.
+    ns, name = "flowfleet-operator-e2e", "flowfleet-operator-e2e-contract"
     core.create_namespace({"metadata": {"name": ns}})
     core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
     rbac.create_cluster_role({"metadata": {"name": name}, "rules": CONTRACT_RULES})

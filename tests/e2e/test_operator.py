@@ -417,6 +417,32 @@ def test_deleted_pod_claims_back_to_pending_within_2s(env: Env) -> None:
     )
 
 
+def test_scale_in_removes_idle_pods_and_keeps_the_busy_one(env: Env) -> None:
+    env.apply_flow("survey", replicas=3)
+    env.wait_replicas("survey", 3)
+    pods = wait_until(
+        lambda: (p := worker_pods(env, "survey")) and len(p) == 3 and p, what="3 pods"
+    )
+    busy = pods[1]
+    with env.conn() as conn:
+        queue.enqueue(conn, FLOW, [{"n": i} for i in range(10)])
+        assert len(queue.claim(conn, FLOW, busy, 10, 300)) == 10
+    # Unpinned: 10 records in flight on one pod want 1 replica; after the delay the two
+    # idle pods go (deletion cost 0) and the busy one (cost 10) stays.
+    env.kubectl(
+        "patch", "dflow/survey", "--type=json", "-p", '[{"op":"remove","path":"/spec/replicas"}]'
+    )
+    env.wait_replicas("survey", 1, timeout=20)
+    costs = {
+        p.metadata.name: (p.metadata.annotations or {}).get(
+            "controller.kubernetes.io/pod-deletion-cost"
+        )
+        for p in env.core().list_namespaced_pod(env.namespace).items
+    }
+    assert costs[busy] == "10"
+    wait_until(lambda: worker_pods(env, "survey") == [busy], timeout=20, what="only the busy pod")
+
+
 def test_operator_restart_changes_nothing(env: Env) -> None:
     env.apply_flow("survey", replicas=3)
     env.wait_replicas("survey", 3)
