@@ -514,6 +514,15 @@ class Worker:
             try:
                 with self.db.connection(timeout=5.0) as conn:
                     check_schema(conn)
+                    # A restarted container keeps its pod's name: claims under it are
+                    # from before the restart, and nobody else will ever renew them.
+                    if back := queue.release_instance(
+                        conn,
+                        self.settings.flow_name,
+                        self.instance_id,
+                        max_abandons=self.settings.max_abandons,
+                    ):
+                        log.warning("returned %d records claimed before a restart", len(back))
                 return True
             except DatabaseUnavailableError as exc:
                 log.warning("%s; retrying in %.0fs", exc, delay)
