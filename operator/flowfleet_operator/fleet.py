@@ -52,6 +52,8 @@ DEBOUNCE_S = 0.02
 # Fast-path ticks come at most this often per database, however busy the producers.
 MIN_FAST_GAP_S = 0.25
 SECRET_CHECK_S = 1.0
+# How long a scale-in waits for its deletion-cost annotations to show in the pod watch.
+COST_OBSERVED_TIMEOUT_S = 2.0
 
 
 def _now() -> str:
@@ -180,6 +182,8 @@ class Fleet:
         self.flows: dict[FlowKey, Flow] = {}
         self.databases: dict[str, DatabaseLoop] = {}
         self.secrets_task: asyncio.Task[None] | None = None
+        # Deletion costs as the pod watch last showed them, per (namespace, pod).
+        self.pod_costs: dict[tuple[str, str], str | None] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -549,9 +553,18 @@ class Fleet:
             for p in pods
             if not p["metadata"].get("deletionTimestamp")
         }
+        patched: dict[str, str] = {}
         for pod, cost in deletion_costs(list(live), in_flight).items():
             if live[pod].get(DELETION_COST) != str(cost):
                 await self.kube.annotate_pod(flow.namespace, pod, {DELETION_COST: str(cost)})
+                patched[pod] = str(cost)
+        # The ReplicaSet controller reads pods from its watch, as we do: once our own watch
+        # shows the new costs, its one has them too (or is about to), and replicas may drop.
+        deadline = time.monotonic() + COST_OBSERVED_TIMEOUT_S
+        while patched and time.monotonic() < deadline:
+            if all(self.pod_costs.get((flow.namespace, p)) == c for p, c in patched.items()):
+                break
+            await asyncio.sleep(0.02)
 
     # -- observed children ------------------------------------------------------------
 
@@ -578,8 +591,12 @@ class Fleet:
         self.observe_deployment(namespace, name, body)
         await self.publish(flow)
 
+    def pod_seen(self, namespace: str, pod: str, annotations: dict[str, str]) -> None:
+        self.pod_costs[(namespace, pod)] = annotations.get(DELETION_COST)
+
     async def pod_deleted(self, namespace: str, pod: str, labels: dict[str, str]) -> None:
         """A worker pod is gone: its claims go back to pending now, not after the lease."""
+        self.pod_costs.pop((namespace, pod), None)
         flow = self.flows.get((namespace, labels.get("app.kubernetes.io/instance", "")))
         if flow is None or flow.dsn is None:
             return

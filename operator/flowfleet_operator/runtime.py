@@ -82,7 +82,8 @@ async def deployment_event(fleet: Fleet, event: Any) -> None:
 
 
 async def pod_event(fleet: Fleet, event: Any) -> None:
-    if event.get("type") != "DELETED":
-        return
     meta = event["object"]["metadata"]
-    await fleet.pod_deleted(meta["namespace"], meta["name"], dict(meta.get("labels") or {}))
+    if event.get("type") == "DELETED":
+        await fleet.pod_deleted(meta["namespace"], meta["name"], dict(meta.get("labels") or {}))
+    else:
+        fleet.pod_seen(meta["namespace"], meta["name"], dict(meta.get("annotations") or {}))
