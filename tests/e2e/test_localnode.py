@@ -1,0 +1,286 @@
+"""The local node on the real control plane: the scheduler binds a Deployment's pods to
+it, they run as real worker processes against a real PostgreSQL, and every way a pod
+can end (crash, normal delete, force delete, the node stopping) leaves nothing behind:
+no process, nothing Terminating."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from kubernetes import client, utils
+
+from flowfleet import queue
+from flowfleet.throwaway import ThrowawayPostgres
+
+from .conftest import ControlPlane, wait_until
+from .localnode_fixtures import (
+    LocalNode,
+    dsn_secret,
+    migrated_database,
+    start_local_node,
+    stop_local_node,
+    terminating_pods,
+    wait_dead,
+    wait_gone,
+    wait_pods,
+    worker_deployment,
+)
+
+FLOW = "survey_processor"
+ENTRYPOINT = "flowfleet.examples:record_effect"  # one effect row per completion
+WORKER_ARGS = ("--poll-seconds", "0.2", "--batch-size", "20")
+SELECTOR = "app=workers"
+
+
+@dataclass
+class Fleet:
+    core: Any
+    namespace: str
+    dsn: str
+    node: LocalNode
+
+    def pods(self, count: int, **kw: Any) -> list[Any]:
+        return wait_pods(self.core, self.namespace, SELECTOR, count, **kw)
+
+
+def apply(api: Any, namespace: str, *docs: dict[str, Any]) -> None:
+    for doc in docs:
+        utils.create_from_dict(api, doc, namespace=namespace)
+
+
+@pytest.fixture
+def fleet(
+    api: Any, namespace: str, local_node: LocalNode, localnode_pg: ThrowawayPostgres
+) -> Iterator[Fleet]:
+    """Two worker pods on the session's node, Running and Ready, on a fresh database."""
+    dsn = migrated_database(localnode_pg)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE example_effects (record_key text NOT NULL)")
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map(
+        namespace,
+        {"metadata": {"name": "tuning"}, "data": {"batch": "20"}},
+    )
+    extra_env = (
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {
+            "name": "TUNED_BATCH",
+            "valueFrom": {"configMapKeyRef": {"name": "tuning", "key": "batch"}},
+        },
+        {"name": "GREETING", "value": "hello $(POD_NAME)"},
+    )
+    apply(
+        api,
+        namespace,
+        dsn_secret("queue-db", dsn),
+        worker_deployment(
+            "workers",
+            FLOW,
+            ENTRYPOINT,
+            "queue-db",
+            2,
+            node=local_node,
+            worker_args=WORKER_ARGS,
+            env=extra_env,
+            grace_seconds=10,
+        ),
+    )
+    yield Fleet(core, namespace, dsn, local_node)
+    # Scale to zero before the namespace goes, so no process outlives the test.
+    client.AppsV1Api(api).patch_namespaced_deployment_scale(
+        "workers", namespace, {"spec": {"replicas": 0}}
+    )
+    wait_until(
+        lambda: not core.list_namespaced_pod(namespace, label_selector=SELECTOR).items,
+        timeout=60,
+        what="pods gone after scale to zero",
+    )
+
+
+def test_node_registered_ready_with_lease(api: Any, local_node: LocalNode) -> None:
+    core = client.CoreV1Api(api)
+    node = core.read_node(local_node.name)
+    ready = {c.type: c.status for c in node.status.conditions}
+    assert ready["Ready"] == "True"
+    assert node.status.capacity["cpu"] == str(os.cpu_count())
+    assert node.status.node_info.kubelet_version.startswith("v1.")
+    assert {"type": "InternalIP", "address": "127.0.0.1"} in [
+        a.to_dict() for a in node.status.addresses
+    ]
+    # Schedulable: the admission plugin's not-ready taint is gone.
+    assert not [t for t in node.spec.taints or [] if t.key == "node.kubernetes.io/not-ready"]
+    lease = client.CoordinationV1Api(api).read_namespaced_lease(local_node.name, "kube-node-lease")
+    assert lease.spec.holder_identity == local_node.name
+    assert lease.metadata.owner_references[0].uid == node.metadata.uid
+
+
+def test_deployment_pods_run_and_drain_exactly_once(fleet: Fleet) -> None:
+    pods = fleet.pods(2)
+    names = {p.metadata.name for p in pods}
+    for pod in pods:
+        assert pod.spec.node_name == fleet.node.name
+        status = pod.status.container_statuses[0]
+        assert status.ready and status.started and status.state.running is not None
+        assert status.restart_count == 0
+        # The worker listens on the local port mapped to containerPort 8080.
+        port = fleet.node.local_port(fleet.namespace, pod.metadata.name)
+        assert port != 8080
+        pid = fleet.node.container_pid(fleet.namespace, pod.metadata.name)
+        assert pid is not None
+        env = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+            if "=" in item
+        )
+        assert env["POD_NAME"] == pod.metadata.name
+        assert env["POD_NAMESPACE"] == fleet.namespace
+        assert env["TUNED_BATCH"] == "20"
+        assert env["GREETING"] == f"hello {pod.metadata.name}"
+        assert env["FLOWFLEET_DSN"] == fleet.dsn
+        assert "KUBERNETES_SERVICE_HOST" not in env
+
+    records = 400
+    with psycopg.connect(fleet.dsn, autocommit=True) as conn:
+        queue.enqueue(conn, FLOW, [{"n": n} for n in range(records)])
+        wait_until(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM processing_history WHERE status = 'completed'"
+                ).fetchone()[0]
+                == records
+            ),
+            timeout=60,
+            what="all records completed",
+        )
+        assert conn.execute("SELECT count(*) FROM processing_queue").fetchone()[0] == 0
+        effects = dict(
+            conn.execute(
+                "SELECT record_key, count(*) FROM example_effects GROUP BY record_key"
+            ).fetchall()
+        )
+        instances = {
+            row[0]
+            for row in conn.execute("SELECT DISTINCT flow_instance_id FROM processing_history")
+        }
+    assert effects == {str(n): 1 for n in range(records)}
+    assert instances and instances <= names
+
+
+def test_crashed_process_restarts_in_the_same_pod(fleet: Fleet) -> None:
+    pod = fleet.pods(2)[0]
+    name, uid = pod.metadata.name, pod.metadata.uid
+    pid = fleet.node.container_pid(fleet.namespace, name)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    def restarted() -> Any:
+        now = fleet.core.read_namespaced_pod(name, fleet.namespace)
+        status = now.status.container_statuses[0]
+        return status.restart_count == 1 and status.ready and now
+
+    again = wait_until(restarted, timeout=30, what="the container restarted and Ready")
+    assert again.metadata.uid == uid
+    last = again.status.container_statuses[0].last_state.terminated
+    assert last.exit_code == 137 and last.signal == signal.SIGKILL
+    new_pid = fleet.node.container_pid(fleet.namespace, name)
+    assert new_pid is not None and new_pid != pid
+    assert "restarting worker" in fleet.node.log(fleet.namespace, name)
+
+
+def test_deletes_leave_nothing_terminating_and_no_process(
+    fleet: Fleet, control_plane: ControlPlane
+) -> None:
+    first, second = fleet.pods(2)
+    pid_first = fleet.node.container_pid(fleet.namespace, first.metadata.name)
+    pid_second = fleet.node.container_pid(fleet.namespace, second.metadata.name)
+    assert pid_first and pid_second
+
+    started = time.monotonic()
+    control_plane.kubectl(
+        "-n", fleet.namespace, "delete", "pod", first.metadata.name, "--grace-period=0", "--force"
+    )
+    wait_dead(pid_first, timeout=5)  # SIGTERM, SIGKILL after at most 2 s
+    force_s = time.monotonic() - started
+
+    # A normal delete: the worker drains on SIGTERM and exits; the node removes the pod.
+    control_plane.kubectl(
+        "-n", fleet.namespace, "delete", "pod", second.metadata.name, "--wait=false"
+    )
+    wait_gone(fleet.core, fleet.namespace, second.metadata.name, second.metadata.uid, 30)
+    wait_dead(pid_second, timeout=5)
+
+    assert force_s < 5
+    assert terminating_pods(fleet.core, fleet.namespace) == []
+    # The ReplicaSet's replacements run.
+    replacements = fleet.pods(2)
+    assert not {p.metadata.uid for p in replacements} & {first.metadata.uid, second.metadata.uid}
+
+
+def test_liveness_failure_restarts_the_process(
+    api: Any, namespace: str, local_node: LocalNode, localnode_pg: ThrowawayPostgres
+) -> None:
+    dsn = migrated_database(localnode_pg)
+    deployment = worker_deployment(
+        "sick", FLOW, ENTRYPOINT, "queue-db", 1, node=local_node, worker_args=WORKER_ARGS
+    )
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    container["livenessProbe"] = {
+        "httpGet": {"path": "/no-such-path", "port": "http"},
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }
+    apply(api, namespace, dsn_secret("queue-db", dsn), deployment)
+    core = client.CoreV1Api(api)
+
+    def restarted() -> Any:
+        pods = core.list_namespaced_pod(namespace, label_selector="app=sick").items
+        statuses = [p.status.container_statuses for p in pods if p.status.container_statuses]
+        return statuses and statuses[0][0].restart_count >= 1
+
+    wait_until(restarted, timeout=40, what="a restart after liveness failures")
+    reasons = {e.reason for e in core.list_namespaced_event(namespace).items}
+    assert {"Unhealthy", "Killing", "Started"} <= reasons
+    client.AppsV1Api(api).delete_namespaced_deployment("sick", namespace)
+
+
+def test_stopping_the_agent_leaves_no_process(
+    api: Any,
+    namespace: str,
+    control_plane: ControlPlane,
+    localnode_pg: ThrowawayPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    node = start_local_node(control_plane, tmp_path_factory.mktemp("node-b"), "localnode-b")
+    try:
+        dsn = migrated_database(localnode_pg)
+        apply(
+            api,
+            namespace,
+            dsn_secret("queue-db", dsn),
+            worker_deployment(
+                "workers", FLOW, ENTRYPOINT, "queue-db", 2, node=node, worker_args=WORKER_ARGS
+            ),
+        )
+        core = client.CoreV1Api(api)
+        pods = wait_pods(core, namespace, SELECTOR, 2)
+        pids = [node.container_pid(namespace, p.metadata.name) for p in pods]
+        assert all(pids) and len(node.processes()) >= 2
+    finally:
+        stop_local_node(node)  # asserts that no process is left
+    for pid in pids:
+        assert pid is not None
+        wait_dead(pid, timeout=1)
+    # The node said goodbye: no Node, and none of its pods is left Terminating.
+    names = {n.metadata.name for n in core.list_node().items}
+    assert node.name not in names
+    assert terminating_pods(core, namespace) == []
+    for pod in pods:
+        wait_gone(core, namespace, pod.metadata.name, pod.metadata.uid, timeout=10)
