@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/pytest
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench lint fmt cluster-up cluster-down clean
+.PHONY: setup demo test test-unit test-integration test-e2e bench lint fmt cluster-up cluster-down node-up node-down clean
 
 setup: $(STAMP)
 
@@ -35,19 +35,28 @@ bench: setup
 	$(BIN)/python bench/bench_worker.py
 
 lint: setup
-	$(BIN)/ruff check worker operator tests bench
-	$(BIN)/ruff format --check worker operator tests bench
+	$(BIN)/ruff check worker operator tests bench hack
+	$(BIN)/ruff format --check worker operator tests bench hack
 	$(BIN)/mypy
+	$(BIN)/mypy hack/localnode/localnode
 
 fmt: setup
-	$(BIN)/ruff check --fix worker operator tests bench
-	$(BIN)/ruff format worker operator tests bench
+	$(BIN)/ruff check --fix worker operator tests bench hack
+	$(BIN)/ruff format worker operator tests bench hack
 
 cluster-up:
 	@hack/controlplane/cluster.sh up
 
 cluster-down:
+	@hack/localnode/node.sh stop
 	@hack/controlplane/cluster.sh down
 
+# A local node that runs the cluster's pods as flowfleet processes (hack/localnode).
+node-up: setup cluster-up
+	@hack/localnode/node.sh start
+
+node-down:
+	@hack/localnode/node.sh stop
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .localnode

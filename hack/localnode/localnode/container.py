@@ -89,6 +89,7 @@ class ContainerRun:
         self.last_exit: Exit | None = None
         self.next_start_at = 0.0  # monotonic; 0 = may start now
         self.restart_pending = False  # exited, and the restart policy says start again
+        self.previously_ran = False  # by an agent before this one (a restart of the node)
         self.waiting_reason = "ContainerCreating"
         self.waiting_message = ""
         self.probers: dict[str, probes.Prober] = {}
@@ -102,7 +103,17 @@ class ContainerRun:
 
     @property
     def ever_started(self) -> bool:
-        return self.started_at is not None or self.last_exit is not None
+        return self.started_at is not None or self.last_exit is not None or self.previously_ran
+
+    def adopt(self, previous: Mapping[str, Any] | None) -> None:
+        """Continue the count of a container an earlier agent ran (and that died with
+        it): the next start is a restart, as a restarted kubelet reports it."""
+        if not previous:
+            return
+        self.restart_count = int(previous.get("restartCount") or 0)
+        state = previous.get("state") or {}
+        if "running" in state or "terminated" in state or previous.get("lastState"):
+            self.previously_ran = self.restart_pending = True
 
     def start(
         self, argv: list[str], env: Mapping[str, str], probe_checks: Mapping[str, probes.Check]

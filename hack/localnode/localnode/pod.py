@@ -72,9 +72,12 @@ class PodRun:
             ContainerRun(spec, self.dir, ctx.backoff, ctx.pool, f"localnode://{ctx.flowfleet}")
             for spec in pod["spec"]["containers"]
         ]
+        previous = {s["name"]: s for s in (pod.get("status") or {}).get("containerStatuses") or []}
+        for container in self.containers:
+            container.adopt(previous.get(container.name))
         # Containers of a pod share its network: one mapping per pod, kept across restarts.
         self.ports: dict[int, int] = {}
-        self.start_time = timefmt.rfc3339()
+        self.start_time = (pod.get("status") or {}).get("startTime") or timefmt.rfc3339()
         self.terminating = False
         self.kill_at = 0.0  # monotonic, when terminating
         self.killed = False
