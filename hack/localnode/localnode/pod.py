@@ -214,6 +214,9 @@ class PodRun:
 
     def _start(self, container: ContainerRun, now: float) -> bool:
         try:
+            refusal = podspec.unsupported(self.pod)
+            if refusal:
+                raise podspec.ConfigError(refusal)
             env = {
                 **self.ctx.base_env,
                 "HOSTNAME": self.pod["metadata"]["name"],

@@ -44,6 +44,13 @@ class NodeResources:
     memory_bytes: int
 
 
+def unsupported(pod: Mapping[str, Any]) -> str | None:
+    """What this node cannot run as the pod asks, said once instead of run wrongly."""
+    if (pod.get("spec") or {}).get("initContainers"):
+        return "init containers are not supported by localnode"
+    return None
+
+
 def expand(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion: known names are replaced, unknown ones stay as
     written, and ``$$`` is a literal ``$``."""
