@@ -58,11 +58,13 @@ cmd_start() {
 	# shellcheck disable=SC2086 # FLOWFLEET_NODE_ARGS is a list of options
 	PYTHONPATH="$HERE" setsid "$PYTHON" -m localnode --kubeconfig "$kubeconfig" --name "$NAME" \
 		--state-dir "$STATE" ${FLOWFLEET_NODE_ARGS:-} </dev/null >>"$STATE/agent.log" 2>&1 &
-	echo $! >"$PIDFILE"
-	local i
+	local pid=$! i
+	echo "$pid" >"$PIDFILE"
 	for ((i = 0; i < 300; i++)); do
 		[[ -f "$STATE/ready" ]] && break
-		if ! running; then
+		# kill -0, not running(): until setsid has exec'd, the child's command line is
+		# still this script's.
+		if ! kill -0 "$pid" 2>/dev/null; then
 			tail -n 30 "$STATE/agent.log" >&2 || true
 			die "the agent exited (log: $STATE/agent.log)"
 		fi
