@@ -284,3 +284,43 @@ def test_stopping_the_agent_leaves_no_process(
     assert terminating_pods(core, namespace) == []
     for pod in pods:
         wait_gone(core, namespace, pod.metadata.name, pod.metadata.uid, timeout=10)
+
+
+WHOAMI = (
+    "from kubernetes import client, config; config.load_kube_config(); "
+    "print(client.AuthenticationV1Api().create_self_subject_review("
+    "{'apiVersion': 'authentication.k8s.io/v1', 'kind': 'SelfSubjectReview'})"
+    ".status.user_info.username)"
+)
+
+
+def test_pod_talks_to_the_api_as_its_service_account_and_completes(
+    api: Any, namespace: str, local_node: LocalNode
+) -> None:
+    """A pod that mounts its token (as an operator pod does) reaches the API server as
+    its own service account; restartPolicy Never ends Succeeded, not restarted."""
+    core = client.CoreV1Api(api)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "whoami"},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"kubernetes.io/hostname": local_node.name},
+            "containers": [
+                {"name": "main", "image": "python", "command": ["python", "-c", WHOAMI]}
+            ],
+        },
+    }
+    apply(api, namespace, pod)
+    done = wait_until(
+        lambda: (
+            (p := core.read_namespaced_pod("whoami", namespace)).status.phase == "Succeeded" and p
+        ),
+        timeout=60,
+        what="the pod Succeeded",
+    )
+    status = done.status.container_statuses[0]
+    assert status.restart_count == 0 and status.state.terminated.exit_code == 0
+    log = local_node.log(namespace, "whoami", "main")
+    assert f"system:serviceaccount:{namespace}:default" in log
