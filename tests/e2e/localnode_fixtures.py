@@ -84,6 +84,16 @@ class LocalNode:
         mapping = json.loads((self.pod_dir(namespace, pod) / "ports.json").read_text())
         return int(mapping[str(container_port)])
 
+    def kill_container(
+        self, namespace: str, pod: str, container: str = "worker", sig: int = signal.SIGKILL
+    ) -> int:
+        """A container crash: signal its process (the node restarts it); returns the pid."""
+        pid = self.container_pid(namespace, pod, container)
+        if pid is None:
+            raise AssertionError(f"{namespace}/{pod}/{container} has no running process")
+        os.kill(pid, sig)
+        return pid
+
     def log(self, namespace: str, pod: str, container: str = "worker") -> str:
         return (self.pod_dir(namespace, pod) / f"{container}.log").read_text(errors="replace")
 
@@ -169,6 +179,19 @@ def migrated_database(server: ThrowawayPostgres) -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         migrate(conn)
     return dsn
+
+
+def restart_postgres(server: ThrowawayPostgres) -> None:
+    """Restart the server in place (fast shutdown: every connection is cut), same data,
+    same port: the outage the workers must ride out."""
+    cmd = [str(server.bindir / "pg_ctl"), "-D", str(server.datadir), "-m", "fast", "-w"]
+    # -l: the new postmaster must not inherit our stdout (a pipe would never close).
+    cmd += ["-t", "60", "-l", str(server.root / "server.log"), "restart"]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    subprocess.run(
+        cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90
+    )
 
 
 # ------------------------------------------------------------- manifests ----

@@ -20,11 +20,12 @@ from kubernetes import client, utils
 from flowfleet import queue
 from flowfleet.throwaway import ThrowawayPostgres
 
-from .conftest import ControlPlane, wait_until
+from .conftest import REPO, ControlPlane, wait_until
 from .localnode_fixtures import (
     LocalNode,
     dsn_secret,
     migrated_database,
+    restart_postgres,
     start_local_node,
     stop_local_node,
     terminating_pods,
@@ -324,3 +325,127 @@ def test_pod_talks_to_the_api_as_its_service_account_and_completes(
     assert status.restart_count == 0 and status.state.terminated.exit_code == 0
     log = local_node.log(namespace, "whoami", "main")
     assert f"system:serviceaccount:{namespace}:default" in log
+
+
+DEMO_PROCESSOR = "demo_processors:survey_with_effect"  # hack/: one effect row per completion
+
+
+def effect_counts(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return dict(
+            conn.execute("SELECT record_key, count(*) FROM demo_effects GROUP BY record_key")
+        )
+
+
+def slow_fleet(
+    api: Any, namespace: str, node: LocalNode, dsn: str, replicas: int, work_s: float, *args: str
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE demo_effects (record_key text NOT NULL)")
+    env = (
+        # Pods are local processes: the demo's processor comes from hack/.
+        {"name": "PYTHONPATH", "value": str(REPO / "hack")},
+        {"name": "DEMO_WORK_SECONDS", "value": str(work_s)},
+    )
+    apply(
+        api,
+        namespace,
+        dsn_secret("queue-db", dsn),
+        worker_deployment(
+            "workers",
+            FLOW,
+            DEMO_PROCESSOR,
+            "queue-db",
+            replicas,
+            node=node,
+            worker_args=(*WORKER_ARGS, *args),
+            env=env,
+            grace_seconds=5,
+        ),
+    )
+
+
+def test_worker_killed_mid_batch_restarts_and_its_records_complete_once(
+    api: Any, namespace: str, local_node: LocalNode, localnode_pg: ThrowawayPostgres
+) -> None:
+    dsn = migrated_database(localnode_pg)
+    slow_fleet(api, namespace, local_node, dsn, 1, 0.2, "--lease-seconds", "3")
+    core = client.CoreV1Api(api)
+    (pod,) = wait_pods(core, namespace, SELECTOR, 1)
+    name = pod.metadata.name
+    records = 40
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        queue.enqueue(conn, FLOW, [{"n": n} for n in range(records)])
+
+        def held() -> set[int]:
+            return {
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM processing_queue WHERE status = 'processing'"
+                    " AND flow_instance_id = %s",
+                    (name,),
+                )
+            }
+
+        claimed = wait_until(held, timeout=30, what="records claimed by the pod")
+        local_node.kill_container(namespace, name)
+        killed = time.monotonic()
+        wait_until(
+            lambda: not (held() & claimed) or None, timeout=30, what="the dead claims released"
+        )
+        released_s = time.monotonic() - killed
+        wait_until(
+            lambda: conn.execute("SELECT count(*) FROM processing_queue").fetchone() == (0,),
+            timeout=60,
+            what="the queue drained",
+        )
+        abandoned = conn.execute(
+            "SELECT count(*) FROM processing_history WHERE abandoned_count > 0"
+        ).fetchone()
+    status = core.read_namespaced_pod(name, namespace).status.container_statuses[0]
+    assert status.restart_count == 1  # the same pod, restarted by the node
+    assert effect_counts(dsn) == {str(n): 1 for n in range(records)}
+    assert abandoned is not None and abandoned[0] >= 1
+    # The restarted worker has the same instance id; the dead process's claims come back
+    # when their lease (3 s here) runs out and a sweep returns them.
+    assert released_s < 3 * 3 + 2, released_s
+
+
+def test_postgres_restart_mid_drain_workers_reconnect(
+    api: Any, namespace: str, local_node: LocalNode
+) -> None:
+    records = 300
+    with ThrowawayPostgres() as server:
+        dsn = migrated_database(server)
+        # The record whose transaction the restart cuts stays claimed until its lease
+        # runs out (30 s by default), then completes: a short lease keeps the test short.
+        slow_fleet(api, namespace, local_node, dsn, 2, 0.01, "--lease-seconds", "3")
+        core = client.CoreV1Api(api)
+        pods = wait_pods(core, namespace, SELECTOR, 2)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            queue.enqueue(conn, FLOW, [{"n": n} for n in range(records)])
+            wait_until(
+                lambda: conn.execute("SELECT count(*) FROM demo_effects").fetchone()[0] >= 30,
+                timeout=30,
+                what="the drain under way",
+            )
+        restart_postgres(server)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            wait_until(
+                lambda: conn.execute("SELECT count(*) FROM processing_queue").fetchone() == (0,),
+                timeout=30,
+                what="the queue drained after the restart",
+            )
+        assert effect_counts(dsn) == {str(n): 1 for n in range(records)}
+        for pod in pods:  # rode it out: no pod restarted, none replaced
+            now = core.read_namespaced_pod(pod.metadata.name, namespace)
+            assert now.metadata.uid == pod.metadata.uid
+            assert now.status.container_statuses[0].restart_count == 0
+        client.AppsV1Api(api).patch_namespaced_deployment_scale(
+            "workers", namespace, {"spec": {"replicas": 0}}
+        )
+        wait_until(
+            lambda: not core.list_namespaced_pod(namespace, label_selector=SELECTOR).items,
+            timeout=60,
+            what="pods gone before PostgreSQL stops",
+        )
