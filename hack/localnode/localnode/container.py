@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from localnode import probes, timefmt
-from localnode.podspec import container_port
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -223,9 +222,6 @@ class ContainerRun:
             if prober is not None and prober.result is False:
                 return prober
         return None
-
-    def local_port(self, port: int | str, allocate: Callable[[int], int]) -> int:
-        return allocate(container_port(self.spec, port))
 
     # ------------------------------------------------------------- status ----
 

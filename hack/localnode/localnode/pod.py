@@ -207,10 +207,17 @@ class PodRun:
         grace = self.pod["spec"].get("terminationGracePeriodSeconds")
         return DEFAULT_GRACE_SECONDS if grace is None else float(grace)
 
-    def _allocate(self, port: int) -> int:
+    def _remap(self, port: int) -> int:
+        """A free local port for a container port the process can be told about."""
         if port not in self.ports:
             self.ports[port] = free_port()
         return self.ports[port]
+
+    def _local(self, port: int) -> int:
+        """Where a container port listens here: its remapped port, else itself (a
+        process that cannot be told binds the port it was written for, as on a node of
+        its own; two such pods on one machine would collide, workers never do)."""
+        return self.ports.setdefault(port, port)
 
     def _start(self, container: ContainerRun, now: float) -> bool:
         try:
@@ -228,7 +235,7 @@ class PodRun:
                 **podspec.resolve_env(self.pod, container.spec, self.ctx.kube, self.ctx.resources),
             }
             argv = podspec.command_line(container.spec, env, self.ctx.flowfleet, self.ctx.python)
-            argv = podspec.map_http_port(argv, env, self._allocate)
+            argv = podspec.map_http_port(argv, env, self._remap)
             checks = self._probe_checks(container, env)
         except podspec.ConfigError as exc:
             before = (container.waiting_reason, container.waiting_message)
@@ -316,11 +323,11 @@ class PodRun:
             timeout = float(spec.get("timeoutSeconds") or 1)
             if "httpGet" in spec:
                 get = spec["httpGet"]
-                port = self._allocate(podspec.container_port(container.spec, get["port"]))
+                port = self._local(podspec.container_port(container.spec, get["port"]))
                 headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
                 checks[kind] = probes.http_check(port, get.get("path") or "/", timeout, headers)
             elif "tcpSocket" in spec:
-                port = self._allocate(
+                port = self._local(
                     podspec.container_port(container.spec, spec["tcpSocket"]["port"])
                 )
                 checks[kind] = probes.tcp_check(port, timeout)
