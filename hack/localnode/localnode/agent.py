@@ -48,6 +48,9 @@ class PodWatch(threading.Thread):
                     field_selector=selector,
                     resource_version=version,
                     timeout_seconds=WATCH_SECONDS,
+                    # The server ends the watch after WATCH_SECONDS; a dead server would
+                    # leave the read hanging without a client-side timeout.
+                    _request_timeout=WATCH_SECONDS + 15,
                     deserialize=False,
                 ):
                     if self.stopping.is_set():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -12,6 +13,11 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from localnode import timefmt
+
+log = logging.getLogger("localnode.kube")
+# Every request ends: a hung connection must not stall the loop or the heartbeat.
+REQUEST_TIMEOUT = 15
+TIMEOUT: dict[str, Any] = {"_request_timeout": REQUEST_TIMEOUT}
 
 MERGE_PATCH = "application/merge-patch+json"
 PORTS_ANNOTATION = "localnode.flowfleet.io/ports"
@@ -41,7 +47,9 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api.call_api(method, url, header_params=headers, body=data)
+        response = self.api.call_api(
+            method, url, header_params=headers, body=data, _request_timeout=REQUEST_TIMEOUT
+        )
         response.read()
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response)
@@ -52,7 +60,7 @@ class Kube:
     def secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
             found = self.raw(
-                self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+                self.core.read_namespaced_secret(name, namespace, _preload_content=False, **TIMEOUT)
             )
         except ApiException as exc:
             if missing(exc):
@@ -66,7 +74,9 @@ class Kube:
     def config_map(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
             found = self.raw(
-                self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+                self.core.read_namespaced_config_map(
+                    name, namespace, _preload_content=False, **TIMEOUT
+                )
             )
         except ApiException as exc:
             if missing(exc):
@@ -79,7 +89,9 @@ class Kube:
     def pods_on_node(self) -> tuple[list[dict[str, Any]], str]:
         listing = self.raw(
             self.core.list_pod_for_all_namespaces(
-                field_selector=f"spec.nodeName={self.node_name}", _preload_content=False
+                field_selector=f"spec.nodeName={self.node_name}",
+                _preload_content=False,
+                **TIMEOUT,
             )
         )
         return listing["items"], listing["metadata"]["resourceVersion"]
@@ -92,7 +104,7 @@ class Kube:
         body = {"metadata": {"uid": meta["uid"]}, "status": status}
         try:
             self.core.patch_namespaced_pod_status(
-                meta["name"], meta["namespace"], body, _content_type=MERGE_PATCH
+                meta["name"], meta["namespace"], body, _content_type=MERGE_PATCH, **TIMEOUT
             )
         except ApiException as exc:
             if exc.status in (404, 409):
@@ -105,7 +117,7 @@ class Kube:
         body = {"metadata": {"uid": meta["uid"], "annotations": annotations}}
         try:
             self.core.patch_namespaced_pod(
-                meta["name"], meta["namespace"], body, _content_type=MERGE_PATCH
+                meta["name"], meta["namespace"], body, _content_type=MERGE_PATCH, **TIMEOUT
             )
         except ApiException as exc:
             if exc.status not in (404, 409):
@@ -118,7 +130,9 @@ class Kube:
             grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
         )
         try:
-            self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=options)
+            self.core.delete_namespaced_pod(
+                meta["name"], meta["namespace"], body=options, **TIMEOUT
+            )
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
@@ -152,8 +166,8 @@ class Kube:
         }
         try:
             self.post(f"/api/v1/namespaces/{meta['namespace']}/events", body)
-        except ApiException:
-            pass
+        except Exception as exc:  # a terminating namespace, an API server restart
+            log.debug("event %s for %s not written: %s", reason, meta["name"], exc)
 
     def service_account_token(
         self, namespace: str, account: str, pod: dict[str, Any]

@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from localnode import VERSION, timefmt
-from localnode.kube import MERGE_PATCH, Kube
+from localnode.kube import MERGE_PATCH, TIMEOUT, Kube
 from localnode.podspec import NodeResources
 
 log = logging.getLogger("localnode.node")
@@ -181,16 +181,16 @@ class NodeRegistration:
 
     def post_status(self) -> None:
         self.kube.core.patch_node_status(
-            self.name, {"status": self.status()}, _content_type=MERGE_PATCH
+            self.name, {"status": self.status()}, _content_type=MERGE_PATCH, **TIMEOUT
         )
 
     def make_schedulable(self) -> None:
-        node = self.kube.raw(self.kube.core.read_node(self.name, _preload_content=False))
+        node = self.kube.raw(self.kube.core.read_node(self.name, _preload_content=False, **TIMEOUT))
         taints = node["spec"].get("taints") or []
         kept = [t for t in taints if t["key"] != NOT_READY_TAINT]
         if kept != taints or node["spec"].get("unschedulable"):
             patch = {"spec": {"taints": kept or None, "unschedulable": None}}
-            self.kube.core.patch_node(self.name, patch, _content_type=MERGE_PATCH)
+            self.kube.core.patch_node(self.name, patch, _content_type=MERGE_PATCH, **TIMEOUT)
 
     def lease_body(self) -> dict[str, Any]:
         return {
@@ -209,12 +209,18 @@ class NodeRegistration:
         body = self.lease_body()
         try:
             coordination.patch_namespaced_lease(
-                self.name, LEASE_NAMESPACE, {"spec": body["spec"]}, _content_type=MERGE_PATCH
+                self.name,
+                LEASE_NAMESPACE,
+                {"spec": body["spec"]},
+                _content_type=MERGE_PATCH,
+                **TIMEOUT,
             )
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            node = self.kube.raw(self.kube.core.read_node(self.name, _preload_content=False))
+            node = self.kube.raw(
+                self.kube.core.read_node(self.name, _preload_content=False, **TIMEOUT)
+            )
             # Owned by the Node, as a kubelet's: deleting the node collects the lease.
             body["metadata"]["ownerReferences"] = [
                 {
@@ -245,7 +251,7 @@ class NodeRegistration:
 
     def cordon(self) -> None:
         self.kube.core.patch_node(
-            self.name, {"spec": {"unschedulable": True}}, _content_type=MERGE_PATCH
+            self.name, {"spec": {"unschedulable": True}}, _content_type=MERGE_PATCH, **TIMEOUT
         )
 
     def stop_heartbeat(self) -> None:
@@ -256,8 +262,10 @@ class NodeRegistration:
     def deregister(self) -> None:
         """Delete the Node and its Lease (pods are gone by now)."""
         for delete in (
-            lambda: self.kube.coordination.delete_namespaced_lease(self.name, LEASE_NAMESPACE),
-            lambda: self.kube.core.delete_node(self.name),
+            lambda: self.kube.coordination.delete_namespaced_lease(
+                self.name, LEASE_NAMESPACE, **TIMEOUT
+            ),
+            lambda: self.kube.core.delete_node(self.name, **TIMEOUT),
         ):
             try:
                 delete()
