@@ -449,3 +449,49 @@ def test_postgres_restart_mid_drain_workers_reconnect(
             timeout=60,
             what="pods gone before PostgreSQL stops",
         )
+
+
+def test_a_killed_agent_takes_its_processes_along_and_a_new_one_takes_over(
+    api: Any,
+    namespace: str,
+    control_plane: ControlPlane,
+    localnode_pg: ThrowawayPostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """kill -9 of the agent: the kernel ends its processes (parent-death signal); the
+    Node and pods stay in the API, and the next agent of that name takes them over,
+    restarting their processes as a restarted kubelet does."""
+    state = tmp_path_factory.mktemp("node-c")
+    node = start_local_node(control_plane, state, "localnode-c")
+    core = client.CoreV1Api(api)
+    try:
+        dsn = migrated_database(localnode_pg)
+        apply(
+            api,
+            namespace,
+            dsn_secret("queue-db", dsn),
+            worker_deployment(
+                "workers", FLOW, ENTRYPOINT, "queue-db", 1, node=node, worker_args=WORKER_ARGS
+            ),
+        )
+        (pod,) = wait_pods(core, namespace, SELECTOR, 1)
+        pid = node.container_pid(namespace, pod.metadata.name)
+        agent = node.agent_pid
+        assert pid and agent
+        os.kill(agent, signal.SIGKILL)
+        wait_dead(agent, timeout=5)
+        wait_dead(pid, timeout=2)
+        assert node.processes() == []
+        assert node.name in {n.metadata.name for n in core.list_node().items}
+
+        node = start_local_node(control_plane, state, "localnode-c")
+
+        def restarted() -> Any:
+            now = core.read_namespaced_pod(pod.metadata.name, namespace)
+            status = now.status.container_statuses[0]
+            return status.restart_count == 1 and status.ready and now
+
+        again = wait_until(restarted, timeout=30, what="the pod taken over and restarted")
+        assert again.metadata.uid == pod.metadata.uid
+    finally:
+        stop_local_node(node)
