@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/pytest
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench lint fmt cluster-up cluster-down clean
+.PHONY: setup demo test test-unit test-integration test-e2e bench lint fmt cluster-up cluster-down helm clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ cluster-up:
 
 cluster-down:
 	@hack/controlplane/cluster.sh down
+
+# The pinned helm, built from its Go module into ~/.cache/flowfleet/helm/ (once).
+helm:
+	@hack/helm/helm.sh build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
