@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -126,7 +126,8 @@ def service_account_token(control_plane: ControlPlane, namespace: str, name: str
     from kubernetes import client
 
     core = client.CoreV1Api(control_plane.api_client())
-    request = core.create_namespaced_service_account_token(
+    # The client's models are typed Optional throughout; a missing token fails below.
+    request: Any = core.create_namespaced_service_account_token(
         name,
         namespace,
         client.AuthenticationV1TokenRequest(
@@ -134,6 +135,7 @@ def service_account_token(control_plane: ControlPlane, namespace: str, name: str
         ),
     )
     token: str = request.status.token
+    assert token.count(".") == 2, "TokenRequest returned no signed token"
     return token
 
 

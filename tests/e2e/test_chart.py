@@ -321,7 +321,7 @@ def sar_can_i(
 
     name, _, sub = resource.partition("/")
     sa_namespace = user.split(":")[2]
-    review = client.AuthorizationV1Api(api).create_subject_access_review(
+    review: Any = client.AuthorizationV1Api(api).create_subject_access_review(
         client.V1SubjectAccessReview(
             spec=client.V1SubjectAccessReviewSpec(
                 user=user,
@@ -387,11 +387,14 @@ def test_install_and_uninstall_keep_the_crd(
 
     status = helm.run("status", release.name, "--namespace", ns, "-o", "json").stdout
     assert '"status":"deployed"' in status.replace(" ", "")
+    notes = helm.run("get", "notes", release.name, "--namespace", ns).stdout
+    assert f"kubectl -n {ns} rollout status deployment/{name}" in notes
+    assert "every namespace" in notes and "PrefectApiUrlMissing" in notes
     # The CRD is there whether this install made it (crds/) or an earlier test did.
     assert control_plane.kubectl("get", "crd", CRD_NAME).returncode == 0
 
     apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-    dep = apps.read_namespaced_deployment(name, ns)
+    dep: Any = apps.read_namespaced_deployment(name, ns)
     assert dep.spec.replicas == 1 and dep.spec.strategy.type == "Recreate"
     # The pod exists (admission accepted its security context) and stays Pending: no node.
     selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
@@ -404,7 +407,7 @@ def test_install_and_uninstall_keep_the_crd(
     assert pods[0].spec.service_account_name == name
     assert pods[0].spec.security_context.run_as_user == 10001
     assert pods[0].spec.containers[0].security_context.read_only_root_filesystem is True
-    role = client.RbacAuthorizationV1Api(api).read_cluster_role(name)
+    role: Any = client.RbacAuthorizationV1Api(api).read_cluster_role(name)
     assert policy_rule_set([r.to_dict() for r in role.rules]) == rule_set(
         CLUSTER_SCOPED_RULES + NAMESPACED_RULES
     )
@@ -496,7 +499,7 @@ def test_chart_operator_kubeconfig_is_the_operator_service_account(
         objs = client.CustomObjectsApi(operator_api)
         assert objs.list_cluster_custom_object("flowfleet.io", "v1alpha1", "distributedflows")
 
-    apps = client.AppsV1Api(api)
+    apps: Any = client.AppsV1Api(api)
     apps.create_namespaced_deployment(
         namespace,
         {
