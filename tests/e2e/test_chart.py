@@ -4,6 +4,7 @@ server's own authorizer (`kubectl auth can-i --as=<the operator's ServiceAccount
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from .chart_fixtures import (
     OPERATOR_NAMESPACE,
     OPERATOR_SERVICE_ACCOUNT,
     Helm,
+    service_account_token,
+    write_token_kubeconfig,
 )
 from .conftest import CRD_FILE, ControlPlane, wait_until
 
@@ -108,6 +111,23 @@ def kinds(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     (doc,) = kinds(docs, kind)
     return doc
+
+
+def deployment_manifest(name: str, labels: dict[str, str], replicas: int) -> Any:
+    """A Deployment whose pods stay Pending here (no node): enough to watch and scale."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+            },
+        },
+    }
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, str]:
@@ -501,20 +521,7 @@ def test_chart_operator_kubeconfig_is_the_operator_service_account(
 
     apps: Any = client.AppsV1Api(api)
     apps.create_namespaced_deployment(
-        namespace,
-        {
-            "apiVersion": "apps/v1",
-            "kind": "Deployment",
-            "metadata": {"name": "keep-me"},
-            "spec": {
-                "replicas": 0,
-                "selector": {"matchLabels": {"app": "keep-me"}},
-                "template": {
-                    "metadata": {"labels": {"app": "keep-me"}},
-                    "spec": {"containers": [{"name": "c", "image": "busybox"}]},
-                },
-            },
-        },
+        namespace, deployment_manifest("keep-me", {"app": "keep-me"}, replicas=0)
     )
     deleted = kubectl("delete", "deployment", "keep-me", "--namespace", namespace)
     assert deleted.returncode != 0
@@ -525,3 +532,153 @@ def test_chart_operator_kubeconfig_is_the_operator_service_account(
     scaled = kubectl("scale", "deployment", "keep-me", "--replicas=2", "--namespace", namespace)
     assert scaled.returncode == 0, scaled.stderr
     assert apps.read_namespaced_deployment("keep-me", namespace).spec.replicas == 2
+
+
+# ------------------------------------------------- kopf under the chart's RBAC ----
+
+
+def run_kopf_as(
+    kubeconfig: Path,
+    label: str,
+    namespaces: list[str],
+    act: Callable[[], None],
+    until: Callable[[dict[str, set[str]]], bool],
+) -> tuple[dict[str, set[str]], str]:
+    """Runs a kopf operator (standalone, as the flowfleet operator runs) that logs in with
+    the kubeconfig and handles only objects labelled e2e-kopf=<label>; calls act() once it
+    is up and stops once until(seen) holds. Returns what it saw and its log."""
+    import kopf
+    from kopf.testing import KopfRunner
+
+    registry = kopf.OperatorRegistry()
+    settings = kopf.OperatorSettings()
+    # Our own annotation prefix: the flowfleet operator's state (flowfleet.io) stays untouched.
+    prefix = "e2e-kopf.flowfleet.io"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=prefix)
+    settings.persistence.finalizer = f"{prefix}/finalizer"
+    settings.posting.level = 0  # post every event kopf logs for an object
+    seen: dict[str, set[str]] = {"created": set(), "pods": set(), "deployments": set()}
+    only_ours = {"e2e-kopf": label}
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.create(
+        "flowfleet.io", "v1alpha1", "distributedflows", labels=only_ours, registry=registry
+    )
+    def created(name: str, body: Any, patch: Any, **_: Any) -> None:
+        patch.metadata.annotations[f"{prefix}/seen"] = "yes"
+        kopf.info(body, reason="Seen", message="handled under the chart's RBAC")
+        seen["created"].add(name)
+
+    @kopf.on.event("", "v1", "pods", labels=only_ours, registry=registry)
+    def pod_event(name: str, **_: Any) -> None:
+        seen["pods"].add(name)
+
+    @kopf.on.event("apps", "v1", "deployments", labels=only_ours, registry=registry)
+    def deployment_event(name: str, **_: Any) -> None:
+        seen["deployments"].add(name)
+
+    scope = [arg for ns in namespaces for arg in ("--namespace", ns)] or ["--all-namespaces"]
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)  # read by the login handler
+    try:
+        with KopfRunner(
+            ["run", "--standalone", "--verbose", *scope],
+            registry=registry,
+            settings=settings,
+            timeout=60,
+        ) as runner:
+            act()
+            wait_until(lambda: until(seen), timeout=60, what=f"kopf to see {seen}")
+    finally:
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old
+    assert runner.exit_code == 0, runner.output
+    return seen, runner.output
+
+
+def make_flow_and_deployment(api: Any, namespace: str, label: str) -> None:
+    from kubernetes import client
+
+    labels = {"e2e-kopf": label}
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "flowfleet.io",
+        "v1alpha1",
+        namespace,
+        "distributedflows",
+        {
+            "apiVersion": "flowfleet.io/v1alpha1",
+            "kind": "DistributedFlow",
+            "metadata": {"name": "watched", "labels": labels},
+            "spec": {
+                "flowName": "ingest-orders",
+                "image": "ghcr.io/example/orders-worker:1.0",
+                "entrypoint": "orders.flows:process_batch",
+                "database": {"secretRef": {"name": "orders-db"}},
+            },
+        },
+    )
+    client.AppsV1Api(api).create_namespaced_deployment(
+        namespace, deployment_manifest("workers", labels, replicas=1)
+    )
+
+
+def assert_kopf_did_its_work(api: Any, namespace: str, seen: dict[str, set[str]], log: str) -> None:
+    from kubernetes import client
+
+    assert seen["created"] == {"watched"} and seen["deployments"] == {"workers"}
+    assert len(seen["pods"]) == 1  # the ReplicaSet's pod (Pending: no node)
+    flow: Any = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        "flowfleet.io", "v1alpha1", namespace, "distributedflows", "watched"
+    )
+    assert flow["metadata"]["annotations"]["e2e-kopf.flowfleet.io/seen"] == "yes"  # patch
+    events = client.CoreV1Api(api).list_namespaced_event(namespace).items
+    assert "Seen" in {e.reason for e in events if e.involved_object.name == "watched"}
+    for refusal in ("Forbidden", "403", "Not enough permissions", "Unauthorized"):
+        assert refusal not in log, log
+
+
+def test_kopf_runs_under_the_chart_service_account_cluster_wide(
+    chart_operator_kubeconfig: Path, api: Any, namespace: str
+) -> None:
+    label = uuid.uuid4().hex[:8]
+    seen, log = run_kopf_as(
+        chart_operator_kubeconfig,
+        label,
+        namespaces=[],
+        act=lambda: make_flow_and_deployment(api, namespace, label),
+        until=lambda s: bool(s["created"] and s["pods"] and s["deployments"]),
+    )
+    assert_kopf_did_its_work(api, namespace, seen, log)
+
+
+def test_kopf_runs_under_the_chart_service_account_namespaced(
+    control_plane: ControlPlane,
+    install: Callable[..., Release],
+    make_namespace: Callable[[], str],
+    api: Any,
+    tmp_path: Path,
+) -> None:
+    watched, unwatched = make_namespace(), make_namespace()
+    release = install("--set", f"watchNamespaces={{{watched}}}")
+    token = service_account_token(control_plane, release.namespace, release.service_account)
+    kubeconfig = write_token_kubeconfig(tmp_path / "kubeconfig", control_plane, token, "op")
+    label = uuid.uuid4().hex[:8]
+
+    def act() -> None:
+        make_flow_and_deployment(api, unwatched, label)  # outside its reach: never seen
+        make_flow_and_deployment(api, watched, label)
+
+    seen, log = run_kopf_as(
+        kubeconfig,
+        label,
+        namespaces=[watched],
+        act=act,
+        until=lambda s: bool(s["created"] and s["pods"] and s["deployments"]),
+    )
+    assert_kopf_did_its_work(api, watched, seen, log)
