@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST := $(BIN)/pytest
 
-.PHONY: setup demo test test-unit test-integration test-e2e bench lint fmt cluster-up cluster-down node-up node-down demo-k8s clean
+.PHONY: setup demo test test-unit test-integration test-e2e bench lint fmt cluster-up cluster-down node-up node-down demo-k8s helm clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ node-up: setup cluster-up
 
 node-down:
 	@hack/localnode/node.sh stop
+
+# The pinned helm, built from its Go module into ~/.cache/flowfleet/helm/ (once).
+helm:
+	@hack/helm/helm.sh build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo .localnode

@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+# Helm and the chart's operator kubeconfig (fixtures and the hook that builds helm).
+from .chart_fixtures import chart_operator_kubeconfig, helm, pytest_runtestloop  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "hack" / "controlplane" / "cluster.sh"
 CRD_FILE = REPO / "crds" / "distributedflow.yaml"
