@@ -12,15 +12,17 @@ Who scales: with ``--operator-cmd`` the operator does (the command runs with KUB
 DEMO_NAMESPACE, DEMO_DSN and DEMO_SECRET in its environment, in the background if it
 keeps running, e.g. ``flowfleet operator`` or a ``helm install``), and
 ``--flow-manifest`` (a DistributedFlow; ``${DEMO_NAMESPACE}`` and ``${DEMO_SECRET}`` in
-it are replaced) is applied; pods are found by ``--pod-selector``. Without it a stand-in
-scaler in this script does the operator's job crudely (replicas = depth / per-replica,
-capped, to zero after a delay), so the node, the workers and the queue can be shown
-and measured before the operator exists.
+it are replaced) is applied, or without one the demo's own (``distributed_flow()``); pods
+are found by ``--pod-selector``. Without ``--operator-cmd`` a stand-in scaler in this
+script does the operator's job crudely (replicas = depth / per-replica, capped, to zero
+after a delay), so the node, the workers and the queue can be shown and measured
+before the operator exists.
 
     .venv/bin/python hack/demo_k8s.py                          # stand-in scaler
     .venv/bin/python hack/demo_k8s.py --records 2000 --keep    # leave it all running
-    .venv/bin/python hack/demo_k8s.py --operator-cmd ".venv/bin/flowfleet operator" \\
-        --flow-manifest my-dflow.yaml --pod-selector flowfleet.io/flow=survey_processor
+    .venv/bin/python hack/demo_k8s.py --operator-cmd ".venv/bin/flowfleet operator"
+    .venv/bin/python hack/demo_k8s.py --operator-cmd "hack/helm/helm.sh install ff \\
+        charts/flowfleet -n flowfleet --create-namespace --wait"   # operator pod on the node
 """
 
 from __future__ import annotations
@@ -257,6 +259,34 @@ class StandInScaler(threading.Thread):
         self.stopping.set()
 
 
+def distributed_flow(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's DistributedFlow (crds/distributedflow.yaml): the stand-in's worker and
+    sizing, for the operator to run."""
+    return {
+        "apiVersion": "flowfleet.io/v1alpha1",
+        "kind": "DistributedFlow",
+        "metadata": {"name": "survey-processor"},
+        "spec": {
+            "flowName": FLOW,
+            "image": "flowfleet:dev",
+            "entrypoint": "demo_processors:survey_with_effect",
+            "runner": "plain",
+            "database": {"secretRef": {"name": SECRET, "key": "dsn"}},
+            "minReplicas": 0,
+            "maxReplicas": args.max_replicas,
+            "recordsPerReplica": args.per_replica,
+            "scaleDownDelaySeconds": int(args.scale_down_delay),
+            "pollIntervalSeconds": 1,
+            "leaseSeconds": 6,
+            "env": [
+                # Pods are local processes here, so the demo's processor comes from hack/.
+                {"name": "PYTHONPATH", "value": str(REPO / "hack")},
+                {"name": "DEMO_WORK_SECONDS", "value": str(args.work_seconds)},
+            ],
+        },
+    }
+
+
 @contextmanager
 def scaler(st: Stack, args: argparse.Namespace) -> Iterator[str]:
     """Starts whoever scales; yields the label selector of the worker pods."""
@@ -280,14 +310,18 @@ def scaler(st: Stack, args: argparse.Namespace) -> Iterator[str]:
         start_new_session=True,
     )
     try:
+        kubectl = ["bash", str(CLUSTER_SH), "kubectl", "-n", st.namespace]
+        # The CRD, unless the command installed it already (helm does): apply is idempotent.
+        run([*kubectl, "apply", "-f", str(REPO / "crds" / "distributedflow.yaml")], st.env)
         if args.flow_manifest:
             text = Path(args.flow_manifest).read_text()
             for key in ("DEMO_NAMESPACE", "DEMO_SECRET"):
                 text = text.replace("${" + key + "}", st.env[key])
-            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as manifest:
-                manifest.write(text)
-            kubectl = ["bash", str(CLUSTER_SH), "kubectl", "-n", st.namespace]
-            run([*kubectl, "apply", "-f", manifest.name], st.env)
+        else:
+            text = json.dumps(distributed_flow(args))
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as manifest:
+            manifest.write(text)
+        run([*kubectl, "apply", "-f", manifest.name], st.env)
         yield args.pod_selector
     finally:
         if operator.poll() is None:
