@@ -370,6 +370,7 @@ cmd_up() {
 		--service-account-key-file="$STATE/pki/sa.pub" \
 		--service-account-signing-key-file="$STATE/pki/sa.key" \
 		--service-cluster-ip-range="$SERVICE_CIDR" \
+		--kubelet-preferred-address-types=InternalIP \
 		--profiling=false --v=1
 	wait_for 120 "kube-apiserver /readyz" api_ready
 	log "kube-apiserver ready at $server after $((SECONDS - started))s"

@@ -175,7 +175,9 @@ def test_deployment_pods_run_and_drain_exactly_once(fleet: Fleet) -> None:
     assert instances and instances <= names
 
 
-def test_crashed_process_restarts_in_the_same_pod(fleet: Fleet) -> None:
+def test_crashed_process_restarts_in_the_same_pod(
+    fleet: Fleet, control_plane: ControlPlane
+) -> None:
     pod = fleet.pods(2)[0]
     name, uid = pod.metadata.name, pod.metadata.uid
     pid = fleet.node.container_pid(fleet.namespace, name)
@@ -194,6 +196,12 @@ def test_crashed_process_restarts_in_the_same_pod(fleet: Fleet) -> None:
     new_pid = fleet.node.container_pid(fleet.namespace, name)
     assert new_pid is not None and new_pid != pid
     assert "restarting worker" in fleet.node.log(fleet.namespace, name)
+    # kubectl logs, through the API server to the node's log endpoint: this run, and
+    # with --previous the one that was killed.
+    current = control_plane.kubectl("-n", fleet.namespace, "logs", name).stdout
+    previous = control_plane.kubectl("-n", fleet.namespace, "logs", name, "--previous").stdout
+    assert "worker started" in current and "worker started" in previous
+    assert "---- localnode:" not in current + previous  # the start markers are ours
 
 
 def test_deletes_leave_nothing_terminating_and_no_process(

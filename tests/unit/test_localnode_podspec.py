@@ -13,7 +13,7 @@ from flowfleet import defaults
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack" / "localnode"))
 
-from localnode import podspec
+from localnode import logserver, podspec
 from localnode.container import Backoff
 
 NODE = podspec.NodeResources(cpu=2, memory_bytes=4 * 1024**3)
@@ -138,3 +138,12 @@ def test_init_containers_are_refused_plainly() -> None:
 def test_backoff_is_a_kubelets() -> None:
     backoff = Backoff(base=10, cap=300)
     assert [backoff.delay(n) for n in range(1, 8)] == [0, 10, 20, 40, 80, 160, 300]
+
+
+def test_kubectl_logs_shows_the_current_run_and_previous_the_one_before() -> None:
+    text = b"---- localnode: starting\na\nb\n---- localnode: restarting\nc\n"
+    assert logserver.runs(text) == [b"a\nb\n", b"c\n"]
+    assert logserver.runs(b"no marker\n") == [b"no marker\n"]
+    assert logserver.tail(b"1\n2\n3\n", 2, None) == b"2\n3\n"
+    assert logserver.tail(b"1\n2\n3\n", 0, None) == b""
+    assert logserver.tail(b"1\n2\n3\n", None, 3) == b"1\n2"

@@ -16,6 +16,7 @@ from kubernetes import client, config
 from localnode.agent import Agent, build_context
 from localnode.container import Backoff
 from localnode.kube import Kube
+from localnode.logserver import LogServer
 from localnode.node import NodeRegistration
 
 REPO = Path(__file__).resolve().parents[3]
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     kube = Kube(api, args.name)
     version = client.VersionApi(api).get_code().git_version
     registration = NodeRegistration(kube, args.name, state_dir, version)
+    logs = LogServer(state_dir)
+    registration.kubelet_port = logs.start()  # kubectl logs, through the API server
     ca_file = state_dir / "ca.crt"
     if api.configuration.ssl_ca_cert:
         ca_file.write_bytes(Path(api.configuration.ssl_ca_cert).read_bytes())
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         agent.run()
     finally:
+        logs.stop()
         ready.unlink(missing_ok=True)
         (state_dir / "agent.pid").unlink(missing_ok=True)
     return 0

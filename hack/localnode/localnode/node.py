@@ -67,6 +67,7 @@ class NodeRegistration:
         self.kubelet_version = kubelet_version
         self.resources = machine_resources()
         self.host_ip = "127.0.0.1"
+        self.kubelet_port = 0  # the log endpoint (logserver.py); 0: none
         self._stop = threading.Event()
         self._ready_since = timefmt.rfc3339()
         self._thread: threading.Thread | None = None
@@ -132,7 +133,7 @@ class NodeRegistration:
                 {"type": "InternalIP", "address": self.host_ip},
                 {"type": "Hostname", "address": socket.gethostname()},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.kubelet_port}},
             "nodeInfo": {
                 "machineID": machine_id,
                 "systemUUID": _read("/sys/class/dmi/id/product_uuid", machine_id),
