@@ -79,7 +79,10 @@ def test_compose_file_loads_as_the_seed_describes(config: dict[str, Any]) -> Non
         assert env["RPA_DB_CONNECTION_STRING"] == "postgresql://rpa_user@postgres:5432/rpa_db"
         assert env["PGPASSWORD"] == PASSWORD
         assert env["PREFECT_ENVIRONMENT"] == "production"
-    assert PASSWORD not in COMPOSE.read_text()
+    # As written (before interpolation), every password is a reference to the environment.
+    raw = yaml.safe_load(COMPOSE.read_text())
+    assert raw["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${")
+    assert raw["x-queue-env"]["PGPASSWORD"].startswith("${POSTGRES_PASSWORD")
 
 
 def test_compose_refuses_to_start_without_a_password(tmp_path: Path) -> None:
