@@ -9,7 +9,6 @@ database is PostgreSQL through psycopg 3; source databases may be any SQLAlchemy
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,20 +19,24 @@ import psycopg
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from flowfleet.config import env_name, environment
 from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
 from flowfleet.redaction import describe_dsn, redact
 from flowfleet.sql import query
 
+# Env naming lives in config and redaction in its own module; re-exported for callers
+# that have always imported them from here.
+__all__ = [
+    "DatabaseManager",
+    "check_dsn",
+    "describe_dsn",
+    "env_name",
+    "environment",
+    "redact",
+    "resolve",
+]
+
 POSTGRES_TYPES = {"postgresql", "postgres"}
-
-
-def environment() -> str:
-    return os.environ.get("PREFECT_ENVIRONMENT", "development").strip() or "development"
-
-
-def env_name(*parts: str) -> str:
-    """``env_name("development", "rpa_db", "type")`` -> ``DEVELOPMENT_RPA_DB_TYPE``."""
-    return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_").upper() for p in parts)
 
 
 def check_dsn(name: str, dsn: str) -> None:

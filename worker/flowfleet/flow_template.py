@@ -16,7 +16,7 @@ import psycopg
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flowfleet import queue
+from flowfleet import defaults, queue
 from flowfleet.batch import BatchOutcome, finish
 from flowfleet.batchjob import BatchJob, Processing
 from flowfleet.config import ConfigManager
@@ -72,7 +72,7 @@ def process_records(record_ids: list[int], job: BatchJob) -> BatchOutcome:
 @flow(name="distributed-processing", persist_result=False, validate_parameters=False)
 def distributed_processing_flow(
     flow_name: str,
-    batch_size: int = 50,
+    batch_size: int = defaults.BATCH_SIZE,
     processor: Callable[..., Any] | None = None,
     db: DatabaseManager | str = "rpa_db",
 ) -> dict[str, Any]:
