@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 
@@ -36,7 +37,7 @@ def test_own_entry_is_handed_out() -> None:
 
 def test_entry_of_another_process_is_set_aside_not_handed_out() -> None:
     parents = Pooled()
-    _Registry.pools["db"] = (os.getpid() + 1, parents)
+    _Registry.pools["db"] = (os.getpid() + 1, cast(Any, parents))
     assert _Registry.lookup(_Registry.pools, "db") is None
     assert "db" not in _Registry.pools
     assert _Registry.inherited == [parents]  # still referenced: never collected or closed
