@@ -105,8 +105,8 @@ class ClaimLoop:
                 if self.conn is None or self.conn.closed:
                     self.conn = self.db.connect()
                 seen = self.wakeups.generation
-                batch = self._claim()
-                self._hold(batch)
+                batch = self._claim_batch()
+                self._hold_in_flight(batch)
                 if batch:
                     self.runner.run_busy_stretch(batch, self)
                     backoff.reset()  # a clean pass (a batch run, an empty claim) ends backoff
@@ -171,31 +171,31 @@ class ClaimLoop:
                 )
             else:
                 finish(conn, outcome)
-                following = self._claim() if keep_going else []
-            self._count(outcome)
-            self._let_go()
-            self._hold(following)
+                following = self._claim_batch() if keep_going else []
+            self._count_outcome(outcome)
+            self._drop_in_flight()
+            self._hold_in_flight(following)
             batch = following
         return ran
 
     # -- claims and what the loop holds ----------------------------------------------
 
-    def _claim(self) -> list[queue.Claimed]:
+    def _claim_batch(self) -> list[queue.Claimed]:
         assert self.conn is not None
         s = self.settings
         return queue.claim(self.conn, s.flow_name, s.instance_id, s.batch_size, s.lease_seconds)
 
-    def _hold(self, batch: list[queue.Claimed]) -> None:
+    def _hold_in_flight(self, batch: list[queue.Claimed]) -> None:
         """Hold a fresh claim in flight: from now on the lease keeper renews it."""
         if batch:
             self.metrics.claimed.inc(len(batch))
             self.in_flight.hold(batch)
             self.metrics.in_flight.inc(len(batch))
 
-    def _let_go(self) -> None:
+    def _drop_in_flight(self) -> None:
         self.metrics.in_flight.dec(self.in_flight.clear())
 
-    def _count(self, outcome: BatchOutcome) -> None:
+    def _count_outcome(self, outcome: BatchOutcome) -> None:
         m = self.metrics
         m.completed.inc(len(outcome.completed) + outcome.committed)
         m.retried.inc(outcome.retried)
@@ -207,7 +207,7 @@ class ClaimLoop:
         """Stop renewing the batch in hand and try to hand it back at once; if the
         database is out of reach, its leases run out and any worker returns it."""
         records = self.in_flight.records()
-        self._let_go()
+        self._drop_in_flight()
         self._close_connection()
         if records:
             try:
