@@ -448,16 +448,29 @@ def cleanup(
             callback=bounded(0, 24 * 3650),
         ),
     ] = None,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            help="Also release every record this instance (pod, or hostname-pid) holds, "
+            "whatever its lease: for a claimer you know is gone.",
+        ),
+    ] = None,
     dsn: DsnOption = None,
     db: DbOption = None,
 ) -> None:
     """Return orphaned records (expired leases) to the queue; optionally prune history."""
+    from flowfleet import queue
     from flowfleet.distributed import DistributedProcessor
 
     with user_errors():
-        processor = DistributedProcessor(database(dsn, db))
+        target = database(dsn, db)
+        processor = DistributedProcessor(target)
         released = processor.cleanup_orphaned_records(timeout_hours)
         typer.echo(f"released {released} orphaned records")
+        if instance is not None:
+            with target.connection() as conn:
+                freed = queue.release_instance(conn, instance)
+            typer.echo(f"released {len(freed)} records held by {instance}")
         if completed_older_than_hours is not None:
             deleted = processor.cleanup_completed_records(completed_older_than_hours)
             typer.echo(f"deleted {deleted} completed records")

@@ -411,3 +411,19 @@ def records_by_id(conn: psycopg.Connection, ids: Sequence[int]) -> dict[int, tup
     """``{id: (flow_name, status)}`` for those of ``ids`` that exist, queue or history."""
     rows = conn.execute(query("records_by_id"), {"ids": list(ids)}).fetchall()
     return {int(row[0]): (str(row[1]), str(row[2])) for row in rows}
+
+
+def release_tokens(conn: psycopg.Connection, pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """``release`` for ``(id, claim_token)`` pairs: hand back records still ours."""
+    if not pairs:
+        return []
+    cur = conn.execute(
+        query("release"), {"ids": [p[0] for p in pairs], "tokens": [p[1] for p in pairs]}
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def release_instance(conn: psycopg.Connection, instance_id: str) -> list[int]:
+    """Hand back every record ``instance_id`` holds, whatever its lease; returns the ids."""
+    cur = conn.execute(query("release_instance"), {"instance_id": instance_id})
+    return [row[0] for row in cur.fetchall()]

@@ -280,3 +280,13 @@ SELECT flow_name, flow_instance_id AS instance_id, count(*) AS processing_record
 -- name: records_by_id
 -- Where records are now (live queue or history), for a requeue that names ids.
 SELECT id, flow_name, status FROM processing_records WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: release_instance
+-- `flowfleet cleanup --instance ID`: that claimer is known to be gone (say a script killed
+-- holding Python-API claims, which are not renewed and last cleanup_timeout_hours). Its
+-- records go back now, no retry spent; the cleared token fences a late answer from it.
+UPDATE processing_queue
+   SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
+       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+ WHERE status = 'processing' AND flow_instance_id = %(instance_id)s
+RETURNING id;
