@@ -159,14 +159,49 @@ def root(
     """A fenced PostgreSQL queue for Prefect record-processing flows."""
 
 
+def wait_for(target: DatabaseManager, seconds: float) -> None:
+    """Until ``target`` answers or ``seconds`` pass: a Kubernetes init container may start
+    before its database does. Each wait is reported, in one line."""
+    from flowfleet.errors import DatabaseUnavailableError
+
+    deadline = time.monotonic() + seconds
+    delay = 1.0
+    while True:
+        try:
+            with target.connection(timeout=5.0):
+                return
+        except DatabaseUnavailableError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnavailableError(f"{exc} (waited {seconds:g}s)") from None
+            typer.echo(f"flowfleet: {redact(str(exc))}; retrying in {delay:.0f}s", err=True)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+
+
 @app.command()
-def migrate(dsn: DsnOption = None, db: DbOption = None) -> None:
+def migrate(
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Wait for the database to answer first (e.g. in an init container)."
+        ),
+    ] = False,
+    wait_seconds: Annotated[
+        float,
+        typer.Option(help="Give up waiting after this long.", callback=bounded(0, 86400)),
+    ] = 300.0,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
     """Create or upgrade the queue schema (idempotent; safe to run concurrently)."""
     from flowfleet.migrate import current_version
     from flowfleet.migrate import migrate as run_migrations
 
     with user_errors():
         target = database(dsn, db)
+        if wait:
+            wait_for(target, wait_seconds)
         with target.connection() as conn:
             applied = run_migrations(conn)
             version = current_version(conn)
