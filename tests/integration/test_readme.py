@@ -35,7 +35,10 @@ def test_quick_start_is_the_two_commands() -> None:
 
 
 def test_no_link_leaves_the_repository() -> None:
-    assert "../shared" not in README and "DESIGN.md" not in README
+    architecture = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for text in (README, architecture):
+        assert "../shared" not in text and "DESIGN.md" not in text
+    assert "## The loop, as data flows" in architecture and "## Rooms" in architecture
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README):
         if not target.startswith(("http://", "https://")):
             assert (ROOT / target).exists(), target
