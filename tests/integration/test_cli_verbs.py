@@ -154,9 +154,18 @@ def test_requeue_says_what_it_found(
     )  # fmt: skip
     assert mixed.returncode == 1
     assert mixed.stdout.strip() == "requeued 1 failed records of f"
-    assert f"{pending_id} is pending, not failed" in mixed.stderr
-    assert f"{g_id} belongs to flow 'g'" in mixed.stderr
+    assert mixed.stderr.splitlines() == [
+        f"flowfleet: left alone: {pending_id} is pending, not failed",
+        f"flowfleet: not requeued: {g_id} belongs to flow 'g'",
+    ]
     assert processor.get_queue_status("f")["failed_records"] == 0
+
+    # Run again: the record requeued above is pending now, noted, and not an error.
+    again = run_cli("requeue", "f", "--id", str(claimed[0]["id"]), "--dsn", dsn)
+    assert again.returncode == 0
+    assert (
+        again.stderr.strip() == f"flowfleet: left alone: {claimed[0]['id']} is pending, not failed"
+    )
 
 
 def test_requeue_refuses_id_with_all_failed(dsn: str, db: DatabaseManager) -> None:

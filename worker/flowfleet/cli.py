@@ -528,11 +528,13 @@ def health(
         typer.echo(f"status: {report['status']}")
         for name, info in report["databases"].items():
             typer.echo(
-                f"database {name}: {info['status']}"
-                + (f" ({info['error']})" if "error" in info else "")
+                redact(
+                    f"database {name}: {info['status']}"
+                    + (f" ({info['error']})" if "error" in info else "")
+                )
             )
         if "error" in report:
-            typer.echo(f"error: {report['error']}")
+            typer.echo(redact(f"error: {report['error']}"))
         totals = report.get("queue_status") or {}
         if totals:
             typer.echo(
@@ -561,7 +563,7 @@ def requeue(
 ) -> None:
     """Put failed records back in the queue with their retries reset.
 
-    Exits 1 when an --id names no failed record of FLOW, saying what it found instead.
+    Exits 1 when an --id names no record of FLOW; one that is not failed is noted.
     """
     from flowfleet import queue
 
@@ -575,16 +577,20 @@ def requeue(
             missing = sorted(set(ids or ()) - set(requeued))
             found = queue.records_by_id(conn, missing) if missing else {}
     typer.echo(f"requeued {len(requeued)} failed records of {flow}")
-    if missing:
-        problems = []
-        for record_id in missing:
-            if record_id not in found:
-                problems.append(f"{record_id} not found")
-            elif found[record_id][0] != flow:
-                problems.append(f"{record_id} belongs to flow {found[record_id][0]!r}")
-            else:
-                problems.append(f"{record_id} is {found[record_id][1]}, not failed")
-        fail(f"not requeued: {'; '.join(problems)}")
+    # A record of this flow that is no longer failed (requeued already, say) is only
+    # noted, so a rerun stays a success; an id that names nothing of FLOW is an error.
+    unknown, idle = [], []
+    for record_id in missing:
+        if record_id not in found:
+            unknown.append(f"{record_id} not found")
+        elif found[record_id][0] != flow:
+            unknown.append(f"{record_id} belongs to flow {found[record_id][0]!r}")
+        else:
+            idle.append(f"{record_id} is {found[record_id][1]}, not failed")
+    if idle:
+        typer.echo(redact(f"flowfleet: left alone: {'; '.join(idle)}"), err=True)
+    if unknown:
+        fail(f"not requeued: {'; '.join(unknown)}")
 
 
 @app.command()
