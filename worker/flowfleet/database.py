@@ -87,6 +87,17 @@ def _type_of(dsn: str) -> str:
     return "postgresql" if scheme in POSTGRES_TYPES else scheme
 
 
+# The extra of pyproject.toml that installs each SQLAlchemy dialect's default driver.
+DRIVER_EXTRAS = {"pyodbc": "mssql", "pymysql": "mysql", "oracledb": "oracle"}
+
+
+def missing_driver(name: str, db_type: str, exc: ImportError) -> str:
+    module = exc.name or str(exc)
+    extra = DRIVER_EXTRAS.get(module)
+    how = f"pip install 'flowfleet[{extra}]'" if extra else f"install the {module!r} package"
+    return f"database {name!r} ({db_type}) needs the driver {module!r}, not installed: {how}"
+
+
 def _configure(conn: psycopg.Connection) -> None:
     conn.execute(query("session_setup"))
 
@@ -319,7 +330,12 @@ class DatabaseManager:
         with _Registry.building_lock(self._key):
             engine = _Registry.lookup(_Registry.engines, self._key)
             if engine is None:
-                engine = sqlalchemy.create_engine(self._dsn, pool_pre_ping=True)
+                try:
+                    engine = sqlalchemy.create_engine(self._dsn, pool_pre_ping=True)
+                except ImportError as exc:  # the dialect's driver: pyodbc, MySQLdb, ...
+                    raise DatabaseConfigError(
+                        missing_driver(self.name, self.db_type, exc)
+                    ) from None
                 _Registry.store(_Registry.engines, self._key, engine)
         return engine
 
@@ -344,7 +360,7 @@ class DatabaseManager:
                     conn.execute(query("ping"))
             else:
                 self._execute_sqlalchemy(query("ping"), None)
-        except DatabaseUnavailableError as exc:
+        except (DatabaseUnavailableError, DatabaseConfigError) as exc:
             return {"status": "unhealthy", "type": self.db_type, "error": str(exc)}
         latency = (time.perf_counter() - started) * 1000
         return {"status": "healthy", "type": self.db_type, "latency_ms": round(latency, 2)}

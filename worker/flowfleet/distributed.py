@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
@@ -97,7 +99,23 @@ class DistributedProcessor:
             claimed = queue.claim(conn, flow_name, self.instance_id, batch_size, self.lease_seconds)
         with self._lock:
             self._tokens.update((r.id, r.claim_token) for r in claimed)
+        if claimed:
+            _CLAIMERS.add(self)
         return [r.as_dict(flow_name) for r in claimed]
+
+    def release_claimed(self) -> int:
+        """Hand back every record this object claimed and has not completed or failed
+        (no retry spent); returns how many were still ours. Runs by itself when the
+        process exits normally."""
+        with self._lock:
+            held = list(self._tokens.items())
+            self._tokens.clear()
+        if not held:
+            return 0
+        # A connection of its own, not the pool's: at exit the pool may be closed, and a
+        # pool waits out its timeout for a server that is gone where a connect fails fast.
+        with self.queue_db.connect() as conn:
+            return len(queue.release_tokens(conn, held))
 
     def _token(self, record_id: int, claim_token: int | None) -> int | None:
         with self._lock:
@@ -191,6 +209,21 @@ class DistributedProcessor:
         if version < latest_version() or any(d["status"] != "healthy" for d in databases.values()):
             report["status"] = "degraded"
         return report
+
+
+# Claims made through this API are not renewed and last cleanup_timeout_hours. A process
+# that ends holding some (the troubleshooting snippet's claim_records_batch, a script that
+# stopped early) gives them back on its way out instead of leaving them locked that long.
+_CLAIMERS: weakref.WeakSet[DistributedProcessor] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    for processor in list(_CLAIMERS):
+        try:
+            processor.release_claimed()
+        except Exception:  # noqa: S110 - exiting anyway; the lease still brings them back
+            pass
 
 
 def queue_status(flows: dict[str, dict[str, int]], flow_name: str | None = None) -> dict[str, Any]:
