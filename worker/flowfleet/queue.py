@@ -385,3 +385,45 @@ def requeue_failed(
 def performance(conn: psycopg.Connection, window_seconds: float) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return list(cur.execute(query("performance"), {"window_seconds": window_seconds}))
+
+
+def failed_records(
+    conn: psycopg.Connection, flow_name: str, limit: int = 100
+) -> tuple[list[dict[str, Any]], int]:
+    """The first ``limit`` failed records of a flow, by id, and how many failed in all."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = list(cur.execute(query("failed_records"), {"flow_name": flow_name, "limit": limit}))
+    total = int(rows[0]["total_failed"]) if rows else 0
+    for row in rows:
+        del row["total_failed"]
+    return rows, total
+
+
+def processing_by_instance(
+    conn: psycopg.Connection, flow_name: str | None = None
+) -> list[dict[str, Any]]:
+    """Records in flight per flow and instance id, with how many of their leases ran out."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return list(cur.execute(query("processing_by_instance"), {"flow_name": flow_name}))
+
+
+def records_by_id(conn: psycopg.Connection, ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """``{id: (flow_name, status)}`` for those of ``ids`` that exist, queue or history."""
+    rows = conn.execute(query("records_by_id"), {"ids": list(ids)}).fetchall()
+    return {int(row[0]): (str(row[1]), str(row[2])) for row in rows}
+
+
+def release_tokens(conn: psycopg.Connection, pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """``release`` for ``(id, claim_token)`` pairs: hand back records still ours."""
+    if not pairs:
+        return []
+    cur = conn.execute(
+        query("release"), {"ids": [p[0] for p in pairs], "tokens": [p[1] for p in pairs]}
+    )
+    return [row[0] for row in cur.fetchall()]
+
+
+def release_instance(conn: psycopg.Connection, instance_id: str) -> list[int]:
+    """Hand back every record ``instance_id`` holds, whatever its lease; returns the ids."""
+    cur = conn.execute(query("release_instance"), {"instance_id": instance_id})
+    return [row[0] for row in cur.fetchall()]

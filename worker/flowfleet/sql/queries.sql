@@ -256,3 +256,37 @@ SELECT to_regclass('flowfleet_migrations') IS NOT NULL;
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM flowfleet_migrations;
+
+-- name: failed_records
+-- `flowfleet failed FLOW`: what failed and why, so `requeue --id` needs no psql.
+SELECT id, retry_count, abandoned_count, updated_at, error_message,
+       count(*) OVER () AS total_failed
+  FROM processing_queue
+ WHERE status = 'failed' AND flow_name = %(flow_name)s
+ ORDER BY id
+ LIMIT %(limit)s;
+
+-- name: processing_by_instance
+-- `flowfleet status`: which instance (pod) holds how many records, and how many of those
+-- claims have run out of lease (their holder stopped renewing: likely gone).
+SELECT flow_name, flow_instance_id AS instance_id, count(*) AS processing_records,
+       count(*) FILTER (WHERE lease_expires_at < LOCALTIMESTAMP) AS expired_records,
+       min(claimed_at) AS oldest_claim
+  FROM processing_queue
+ WHERE status = 'processing' AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
+ GROUP BY flow_name, flow_instance_id
+ ORDER BY flow_name, flow_instance_id;
+
+-- name: records_by_id
+-- Where records are now (live queue or history), for a requeue that names ids.
+SELECT id, flow_name, status FROM processing_records WHERE id = ANY(%(ids)s::bigint[]);
+
+-- name: release_instance
+-- `flowfleet cleanup --instance ID`: that claimer is known to be gone (say a script killed
+-- holding Python-API claims, which are not renewed and last cleanup_timeout_hours). Its
+-- records go back now, no retry spent; the cleared token fences a late answer from it.
+UPDATE processing_queue
+   SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
+       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+ WHERE status = 'processing' AND flow_instance_id = %(instance_id)s
+RETURNING id;
