@@ -503,3 +503,50 @@ def test_a_killed_agent_takes_its_processes_along_and_a_new_one_takes_over(
         assert again.metadata.uid == pod.metadata.uid
     finally:
         stop_local_node(node)
+
+
+def test_the_shipped_kubernetes_example_runs_on_the_node(
+    api: Any,
+    namespace: str,
+    control_plane: ControlPlane,
+    local_node: LocalNode,
+    localnode_pg: ThrowawayPostgres,
+) -> None:
+    """examples/kubernetes/worker.yaml as a user applies it: each pod's init container
+    migrates an empty database (with --wait), then its workers drain a burst."""
+    with psycopg.connect(localnode_pg.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE shipped_example")  # no schema: the init containers make it
+    dsn = localnode_pg.dsn("shipped_example")
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="rpa-db-secret"),
+            string_data={"connection-string": dsn},
+        ),
+    )
+    example = REPO / "examples" / "kubernetes" / "worker.yaml"
+    control_plane.kubectl("-n", namespace, "apply", "-f", str(example))
+    selector = "flowfleet.io/flow=survey_processor"
+    pods = wait_pods(core, namespace, selector, 3, timeout=90)
+    for pod in pods:
+        (init,) = pod.status.init_container_statuses
+        assert init.name == "migrate" and init.state.terminated.exit_code == 0
+        assert {c.type: c.status for c in pod.status.conditions}["Initialized"] == "True"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        queue.enqueue(conn, FLOW, [{"survey_id": n} for n in range(150)])
+        wait_until(
+            lambda: conn.execute("SELECT count(*) FROM processing_queue").fetchone() == (0,),
+            timeout=60,
+            what="the example's workers drained the burst",
+        )
+        instances = {r[0] for r in conn.execute("SELECT flow_instance_id FROM processing_history")}
+        done = conn.execute("SELECT count(*) FROM processing_history").fetchone()
+    assert done == (150,)
+    assert instances <= {p.metadata.name for p in pods}
+    client.AppsV1Api(api).delete_namespaced_deployment("survey-processor", namespace)
+    wait_until(
+        lambda: not core.list_namespaced_pod(namespace, label_selector=selector).items,
+        timeout=60,
+        what="the example's pods gone",
+    )

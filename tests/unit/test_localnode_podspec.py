@@ -130,8 +130,10 @@ def test_probe_ports_by_name_or_number() -> None:
         podspec.container_port(container, "metrics")
 
 
-def test_init_containers_are_refused_plainly() -> None:
-    assert podspec.unsupported({"spec": {"initContainers": [{"name": "i"}]}})
+def test_sidecar_init_containers_are_refused_plainly() -> None:
+    sidecar = {"name": "s", "restartPolicy": "Always"}
+    assert "sidecar" in (podspec.unsupported({"spec": {"initContainers": [sidecar]}}) or "")
+    assert podspec.unsupported({"spec": {"initContainers": [{"name": "migrate"}]}}) is None
     assert podspec.unsupported(POD) is None
 
 

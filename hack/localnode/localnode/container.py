@@ -89,6 +89,7 @@ class ContainerRun:
         self.next_start_at = 0.0  # monotonic; 0 = may start now
         self.restart_pending = False  # exited, and the restart policy says start again
         self.previously_ran = False  # by an agent before this one (a restart of the node)
+        self.succeeded = False  # an init container that has run to completion
         self.waiting_reason = "ContainerCreating"
         self.waiting_message = ""
         self.probers: dict[str, probes.Prober] = {}
@@ -229,7 +230,7 @@ class ContainerRun:
         state: dict[str, Any]
         if self.proc is not None and self.started_at is not None:
             state = {"running": {"startedAt": timefmt.rfc3339(self.started_at)}}
-        elif final and self.last_exit is not None:
+        elif (final or self.succeeded) and self.last_exit is not None:
             state = self.last_exit.as_state()
         else:
             waiting: dict[str, Any] = {"reason": self.waiting_reason or "ContainerCreating"}
@@ -241,7 +242,7 @@ class ContainerRun:
             "image": self.spec.get("image") or "",
             "imageID": self.image_id,
             "containerID": f"localnode://{self.proc.pid}" if self.proc else "",
-            "ready": self.ready,
+            "ready": self.ready or self.succeeded,
             "started": self.startup_done,
             "restartCount": self.restart_count,
             "state": state,

@@ -68,10 +68,19 @@ class PodRun:
         (self.dir / "home").mkdir(exist_ok=True)
         (self.dir / "tmp").mkdir(exist_ok=True)
         (self.dir / "uid").write_text(self.uid + "\n")
+        image_id = f"localnode://{ctx.flowfleet}"
+        self.init_containers = [
+            ContainerRun(spec, self.dir, ctx.backoff, ctx.pool, image_id)
+            for spec in pod["spec"].get("initContainers") or []
+        ]
         self.containers = [
-            ContainerRun(spec, self.dir, ctx.backoff, ctx.pool, f"localnode://{ctx.flowfleet}")
+            ContainerRun(spec, self.dir, ctx.backoff, ctx.pool, image_id)
             for spec in pod["spec"]["containers"]
         ]
+        # Init containers run again after a takeover: their processes died with the old
+        # agent, as a kubelet reruns them in a new sandbox.
+        self.initialized = not self.init_containers
+        self.init_failed = False  # one failed under restartPolicy Never: the pod Failed
         previous = {s["name"]: s for s in (pod.get("status") or {}).get("containerStatuses") or []}
         for container in self.containers:
             container.adopt(previous.get(container.name))
@@ -113,7 +122,7 @@ class PodRun:
             return
         self.terminating = True
         self.kill_at = deadline
-        running = [c for c in self.containers if c.running]
+        running = [c for c in self.every_container if c.running]
         for container in running:
             container.kill(signal.SIGTERM)
         if running and not self.gone:
@@ -132,22 +141,61 @@ class PodRun:
             self.write_status()  # Pending, accepted by this node, before anything starts
             return
         dirty = False
-        for container in self.containers:
-            dirty |= self._step_container(container, now)
+        if not self.initialized:
+            dirty |= self._step_init(now)
+        else:
+            for container in self.containers:
+                dirty |= self._step_container(container, now)
         if self.terminating:
             if not self.killed and now >= self.kill_at:
                 self.killed = True
-                for container in self.containers:
+                for container in self.every_container:
                     if container.running:
                         log.info(
                             "%s: %s outlived its grace period; SIGKILL", self.key, container.name
                         )
                         container.kill(signal.SIGKILL)
-            if not any(c.running for c in self.containers):
+            if not any(c.running for c in self.every_container):
                 self._finish()
                 return
         if dirty or self.status() != self.last_status:
             self.write_status()
+
+    @property
+    def every_container(self) -> list[ContainerRun]:
+        return [*self.init_containers, *self.containers]
+
+    def _step_init(self, now: float) -> bool:
+        """Init containers one at a time, in order, each to a successful exit; a failed
+        one is restarted (with back-off) unless the pod's restartPolicy is Never."""
+        for container in self.init_containers:
+            if container.succeeded:
+                continue
+            ended = container.poll()
+            if ended is not None:
+                log.info("%s: init %s exited %d", self.key, container.name, ended.exit_code)
+                if ended.exit_code == 0:
+                    container.succeeded = True
+                elif self.terminating:
+                    pass
+                elif (self.pod["spec"].get("restartPolicy") or "Always") == "Never":
+                    self.init_failed = True
+                else:
+                    delay = container.schedule_restart(now)
+                    container.restart_pending = True
+                    if delay:
+                        self.ctx.kube.event(
+                            self.pod, "BackOff", container.waiting_message, warning=True
+                        )
+                return True
+            if container.running or self.terminating or self.init_failed:
+                return False
+            may_start = not container.ever_started or container.restart_pending
+            if may_start and now >= container.next_start_at:
+                return self._start(container, now)
+            return False
+        self.initialized = True
+        return True
 
     def _step_container(self, container: ContainerRun, now: float) -> bool:
         ended = container.poll()
@@ -362,7 +410,11 @@ class PodRun:
     # ------------------------------------------------------------- status ----
 
     def phase(self) -> str:
+        if self.init_failed:
+            return "Failed"
         if not any(c.ever_started for c in self.containers):
+            if self.terminating and not any(c.running for c in self.every_container):
+                return "Failed"  # deleted before it ran
             return "Pending"
         done = self.terminating or all(
             not c.running and not c.restart_pending and c.last_exit is not None
@@ -397,11 +449,11 @@ class PodRun:
         ]
         conditions += [
             self._condition("PodReadyToStartContainers", not final),
-            self._condition("Initialized", True),
+            self._condition("Initialized", self.initialized),
             self._condition("ContainersReady", ready),
             self._condition("Ready", ready),
         ]
-        return {
+        status: dict[str, Any] = {
             "phase": phase,
             "conditions": conditions,
             "hostIP": self.ctx.host_ip,
@@ -409,8 +461,17 @@ class PodRun:
             "podIP": POD_IP,
             "podIPs": [{"ip": POD_IP}],
             "startTime": self.start_time,
-            "containerStatuses": [c.status(final) for c in self.containers],
+            "containerStatuses": [self._main_status(c, final) for c in self.containers],
         }
+        if self.init_containers:
+            status["initContainerStatuses"] = [c.status(final) for c in self.init_containers]
+        return status
+
+    def _main_status(self, container: ContainerRun, final: bool) -> dict[str, Any]:
+        status = container.status(final)
+        if not self.initialized and "waiting" in status["state"]:
+            status["state"] = {"waiting": {"reason": "PodInitializing"}}
+        return status
 
     def write_status(self) -> None:
         if self.gone:
@@ -422,4 +483,4 @@ class PodRun:
             self.last_status = status  # gone or replaced: nothing more to say about it
 
     def running_pids(self) -> list[int]:
-        return [c.proc.pid for c in self.containers if c.proc is not None]
+        return [c.proc.pid for c in self.every_container if c.proc is not None]

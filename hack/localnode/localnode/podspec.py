@@ -46,8 +46,9 @@ class NodeResources:
 
 def unsupported(pod: Mapping[str, Any]) -> str | None:
     """What this node cannot run as the pod asks, said once instead of run wrongly."""
-    if (pod.get("spec") or {}).get("initContainers"):
-        return "init containers are not supported by localnode"
+    for init in (pod.get("spec") or {}).get("initContainers") or []:
+        if init.get("restartPolicy") == "Always":
+            return f"sidecar init container {init['name']!r} is not supported by localnode"
     return None
 
 
