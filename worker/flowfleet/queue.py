@@ -7,13 +7,17 @@ transactions; none knows about Prefect or Kubernetes.
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -30,6 +34,53 @@ DEFAULT_MAX_ABANDONS = 3
 _NUL_ESCAPE = re.compile(r"(?:^|[^\\])(?:\\\\)*\\u0000")
 
 DedupKey = str | Callable[[Mapping[str, Any]], Any] | None
+
+# A statement that lost a deadlock or a serialization conflict changed nothing and may
+# simply run again; these are statement errors on a live connection, not a lost database.
+STATEMENT_ATTEMPTS = 8
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A deadlock (40P01) or serialization failure (40001): the statement or transaction
+    was rolled back whole and can run again; the connection is fine."""
+    return isinstance(exc, pg_errors.TransactionRollback)
+
+
+def _pause(attempt: int) -> None:
+    # Jittered, so two statements that deadlocked do not meet again at once.
+    time.sleep(min(0.5, 0.005 * 2**attempt) * (0.5 + random.random()))
+
+
+def _run(conn: psycopg.Connection, statement: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Execute ``statement``; run it again when it lost a deadlock or a serialization
+    conflict as a transaction of its own (autocommit). Inside a caller's transaction the
+    error is the caller's: that transaction is rolled back, not just this statement."""
+    for attempt in range(STATEMENT_ATTEMPTS):
+        try:
+            return conn.execute(statement, params)
+        except pg_errors.TransactionRollback:
+            own_transaction = conn.info.transaction_status == TransactionStatus.IDLE
+            if not own_transaction or attempt + 1 == STATEMENT_ATTEMPTS:
+                raise
+            _pause(attempt)
+    raise AssertionError("unreachable")
+
+
+def _run_keeper(conn: psycopg.Connection, statement: str, params: Mapping[str, Any]) -> list[Any]:
+    """A lease keeper's statement under a lock timeout, with its rows; no rows when a lock
+    could not be had in time (the next tick tries again)."""
+    for attempt in range(STATEMENT_ATTEMPTS):
+        try:
+            with conn.transaction():
+                conn.execute(query("keeper_lock_timeout"))
+                return conn.execute(statement, params).fetchall()
+        except pg_errors.LockNotAvailable:
+            return []
+        except pg_errors.TransactionRollback:
+            if attempt + 1 == STATEMENT_ATTEMPTS:
+                raise
+            _pause(attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -194,7 +245,8 @@ def claim(
     batch_size: int,
     lease_seconds: float,
 ) -> list[Claimed]:
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("claim"),
         {
             "flow_name": flow_name,
@@ -215,7 +267,8 @@ def complete_and_claim(
     lease_seconds: float,
 ) -> list[Claimed]:
     """Complete ``done`` and claim the next batch in one statement and one commit."""
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("complete_and_claim"),
         {
             "done_ids": [r.id for r in done],
@@ -240,7 +293,8 @@ def complete(
     if not pairs:
         return []
     out = results if results is not None else [None] * len(pairs)
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("complete"),
         {
             "ids": [p[0] for p in pairs],
@@ -254,7 +308,8 @@ def complete(
 def complete_by_instance(
     conn: psycopg.Connection, record_id: int, instance_id: str, result: Any = None
 ) -> bool:
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("complete_by_instance"),
         {
             "id": record_id,
@@ -277,7 +332,8 @@ def fail(
 ) -> str | None:
     """Retry the record later or, with retries spent, fail it. Returns its new status
     (``pending`` or ``failed``), or None when the claim was no longer ours."""
-    row = conn.execute(
+    row = _run(
+        conn,
         query("fail"),
         {
             "id": record_id,
@@ -297,7 +353,8 @@ def release(conn: psycopg.Connection, records: Sequence[Claimed]) -> list[int]:
     """Hand records back to the queue untouched; retries are not spent."""
     if not records:
         return []
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("release"),
         {"ids": [r.id for r in records], "tokens": [r.claim_token for r in records]},
     )
@@ -305,10 +362,13 @@ def release(conn: psycopg.Connection, records: Sequence[Claimed]) -> list[int]:
 
 
 def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_seconds: float) -> int:
-    """Extend the lease of records still ours; returns how many were."""
+    """Extend the lease of records still ours; returns how many were renewed. A record
+    locked at this moment (being completed, or rechecked by another claim) is skipped:
+    it is renewed on the next call if it is still ours."""
     if not records:
         return 0
-    cur = conn.execute(
+    rows = _run_keeper(
+        conn,
         query("heartbeat"),
         {
             "ids": [r.id for r in records],
@@ -316,7 +376,7 @@ def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_second
             "lease_seconds": lease_seconds,
         },
     )
-    return len(cur.fetchall())
+    return len(rows)
 
 
 def release_orphans(
@@ -328,12 +388,14 @@ def release_orphans(
 ) -> list[int]:
     """Return records of dead claimers to the queue without spending a retry: those whose
     lease expired and, given ``timeout_seconds``, those claimed longer ago than that. A
-    record abandoned ``max_abandons`` times is failed instead. Returns the ids touched."""
-    cur = conn.execute(
+    record abandoned ``max_abandons`` times is failed instead. Returns the ids touched.
+    Rows another transaction holds are left for a later call: this never waits on them."""
+    rows = _run_keeper(
+        conn,
         query("release_orphans"),
         {"timeout_seconds": timeout_seconds, "flow_name": flow_name, "max_abandons": max_abandons},
     )
-    return [row[0] for row in cur.fetchall()]
+    return [row[0] for row in rows]
 
 
 _COUNTS = ("pending_records", "processing_records", "completed_records", "failed_records")
@@ -365,16 +427,16 @@ def stats(
 
 
 def cleanup_completed(conn: psycopg.Connection, older_than_seconds: float) -> int:
-    return conn.execute(
-        query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
+    return _run(
+        conn, query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
     ).rowcount
 
 
 def requeue_failed(
     conn: psycopg.Connection, flow_name: str, ids: Sequence[int] | None = None
 ) -> list[int]:
-    cur = conn.execute(
-        query("requeue_failed"), {"flow_name": flow_name, "ids": list(ids) if ids else None}
+    cur = _run(
+        conn, query("requeue_failed"), {"flow_name": flow_name, "ids": list(ids) if ids else None}
     )
     requeued = [row[0] for row in cur.fetchall()]
     if requeued:

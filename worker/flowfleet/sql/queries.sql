@@ -5,17 +5,21 @@
 -- The records a claim takes: pending, due, in priority then FIFO order. A record whose
 -- worker died holding it may be what killed it, so it is claimed alone, ahead of the
 -- rest: it cannot take a batch of innocent records down with it again.
+--
+-- Nothing is picked before the CTE "settled" has been read: a statement that also
+-- completes records makes "settled" wait for its deletes (see complete_and_claim).
 suspect AS (
     SELECT id FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count > 0
-       AND available_at <= LOCALTIMESTAMP
+       AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
      ORDER BY priority DESC, id
      LIMIT 1
      FOR UPDATE SKIP LOCKED
 ), batch AS (
     SELECT id FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count = 0
-       AND available_at <= LOCALTIMESTAMP AND NOT EXISTS (SELECT FROM suspect)
+       AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
+       AND NOT EXISTS (SELECT FROM suspect)
      ORDER BY priority DESC, id
      LIMIT %(batch_size)s
      FOR UPDATE SKIP LOCKED
@@ -36,25 +40,39 @@ RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priorit
 -- name: claim
 -- One statement: pick, lock and stamp. SKIP LOCKED lets concurrent claimers pass each
 -- other's locked rows instead of queueing behind them; the token fences completions.
-WITH {{_pick}}
+WITH settled AS (SELECT), {{_pick}}
+
+-- name: _archive
+-- Completed rows, from a CTE "done" that returns the deleted queue row and its result,
+-- into processing_history: the one place that lists history's columns for completions.
+INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
+                                completed_at, error_message, retry_count, created_at,
+                                updated_at, priority, dedup_key, result, abandoned_count)
+SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
+       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result,
+       abandoned_count
+  FROM done
 
 -- name: complete_and_claim
 -- The worker's steady state: finish the last batch and take the next in one round trip
 -- and one commit. Completed rows leave the live queue for processing_history.
+--
+-- Lock order: the deletes run to the end before the claim locks anything. A claim's
+-- SKIP LOCKED scan may still lock rows it does not take: a pending row claimed by
+-- another worker after this statement's snapshot is rechecked (EvalPlanQual) on its
+-- new version, which stays locked until this statement ends, and the update chain is
+-- followed without regard to SKIP LOCKED. Deleting after claiming thus waited for our
+-- own rows while holding other workers' rows, and two such statements deadlocked;
+-- deleting first means we hold only our own rows while we wait.
 WITH done AS (
     DELETE FROM processing_queue q
      USING unnest(%(done_ids)s::bigint[], %(done_tokens)s::bigint[]) AS d(id, token)
      WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
-    RETURNING q.*
+    RETURNING q.*, NULL::jsonb AS result
 ), archived AS (
-    INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id,
-                                    claimed_at, completed_at, error_message, retry_count,
-                                    created_at, updated_at, priority, dedup_key,
-                                    abandoned_count)
-    SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-           error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
-           abandoned_count
-      FROM done
+    {{_archive}}
+), settled AS (
+    SELECT count(*) FROM done
 ), {{_pick}}
 
 -- name: complete
@@ -66,13 +84,7 @@ WITH done AS (
      WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
     RETURNING q.*, d.result
 )
-INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
-                                completed_at, error_message, retry_count, created_at,
-                                updated_at, priority, dedup_key, result, abandoned_count)
-SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result,
-       abandoned_count
-  FROM done
+{{_archive}}
 RETURNING id;
 
 -- name: complete_by_instance
@@ -81,15 +93,9 @@ RETURNING id;
 WITH done AS (
     DELETE FROM processing_queue q
      WHERE q.id = %(id)s AND q.flow_instance_id = %(instance_id)s AND q.status = 'processing'
-    RETURNING q.*
+    RETURNING q.*, %(result)s::jsonb AS result
 )
-INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
-                                completed_at, error_message, retry_count, created_at,
-                                updated_at, priority, dedup_key, result, abandoned_count)
-SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
-       %(result)s::jsonb, abandoned_count
-  FROM done
+{{_archive}}
 RETURNING id;
 
 -- name: fail
@@ -124,10 +130,22 @@ UPDATE processing_queue q
 RETURNING q.id;
 
 -- name: heartbeat
+-- The lease keeper never waits for a row lock: a row locked now is being completed,
+-- released or rechecked by a claim, and is renewed on the next tick if it is still ours.
+-- Waiting here could join a deadlock with our own claim loop, or hang on a frozen worker.
+WITH mine AS (
+    SELECT q.id
+      FROM processing_queue q
+      JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+        ON q.id = d.id AND q.claim_token = d.token
+     WHERE q.status = 'processing'
+     ORDER BY q.id
+       FOR UPDATE OF q SKIP LOCKED
+)
 UPDATE processing_queue q
    SET lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s)
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
- WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
+  FROM mine
+ WHERE q.id = mine.id
 RETURNING q.id;
 
 -- name: release_orphans
@@ -135,27 +153,37 @@ RETURNING q.id;
 -- longer ago than it, go back to pending with their retry count unchanged: the worker
 -- died, the record did not fail. Clearing the token fences the dead claimer's late
 -- answer. A record abandoned max_abandons times is failed instead: it is what kills them.
-UPDATE processing_queue
-   SET abandoned_count = abandoned_count + 1,
-       status = CASE WHEN abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
+-- SKIP LOCKED: a row still locked belongs to a claimer that is busy with it (or frozen
+-- inside a transaction, which the server's idle-in-transaction timeout ends); every
+-- worker's keeper runs this, and none may wait on another worker's locks.
+WITH orphans AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'processing'
+       AND (lease_expires_at < LOCALTIMESTAMP
+            OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
+       -- Without a timeout only expired leases count: a record that runs for hours
+       -- under a renewed lease is alive, however old its claim.
+       AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
+     ORDER BY id
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE processing_queue q
+   SET abandoned_count = q.abandoned_count + 1,
+       status = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
                      ELSE 'pending' END,
-       error_message = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
+       error_message = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s
                             THEN format('abandoned %%s times: the worker holding it'
                                         ' stopped each time (last: %%s), so it may be'
                                         ' what stops them',
-                                        abandoned_count + 1, flow_instance_id)
-                            ELSE error_message END,
-       flow_instance_id = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
-                               THEN flow_instance_id END,
+                                        q.abandoned_count + 1, q.flow_instance_id)
+                            ELSE q.error_message END,
+       flow_instance_id = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s
+                               THEN q.flow_instance_id END,
        claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL,
        updated_at = LOCALTIMESTAMP
- WHERE status = 'processing'
-   AND (lease_expires_at < LOCALTIMESTAMP
-        OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
-   -- Without a timeout only expired leases count: a record that runs for hours under a
-   -- renewed lease is alive, however old its claim.
-   AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
-RETURNING id, status;
+  FROM orphans
+ WHERE q.id = orphans.id
+RETURNING q.id, q.status;
 
 -- name: stats_by_flow
 SELECT flow_name,
@@ -212,7 +240,26 @@ SELECT flow_name,
 -- name: session_setup
 -- Queue timestamps are TIMESTAMP (the seed's type) compared with LOCALTIMESTAMP, so every
 -- session must agree on one zone or leases would drift by the zone offset.
-SET TIME ZONE 'UTC';
+--
+-- A frozen client (SIGSTOP, a paused VM, a cut network) inside a transaction holds its
+-- row locks until the server ends its session: these bounds make the server do so on
+-- its own, and its records then come back like any dead claimer's. Each applies only
+-- where nobody chose a value (server, database, role or PGOPTIONS): a processor that
+-- takes `conn` keeps its transaction open while it runs, so a site whose records run
+-- longer raises idle_in_transaction_session_timeout for the worker's role.
+SELECT set_config('TimeZone', 'UTC', false) AS time_zone,
+       (SELECT count(set_config(bound.name, bound.value, false))
+          FROM (VALUES ('idle_in_transaction_session_timeout', '300s'),
+                       -- Server-side TCP keepalives: a peer that vanished is noticed in
+                       -- about a minute rather than the kernel's two hours.
+                       ('tcp_keepalives_idle', '30'),
+                       ('tcp_keepalives_interval', '10'),
+                       ('tcp_keepalives_count', '3')) AS bound(name, value)
+          JOIN pg_settings ON pg_settings.name = bound.name
+         WHERE pg_settings.source = 'default') AS bounds_set;
+
+-- name: keeper_lock_timeout
+SET LOCAL lock_timeout = '2s';
 
 -- name: ping
 SELECT 1;
