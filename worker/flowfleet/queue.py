@@ -167,6 +167,17 @@ def to_json(value: Any, what: str) -> str:
         raise InvalidRecordError(f"{what}: not JSON-serialisable: {exc}") from None
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise InvalidRecordError(f"{what}: PostgreSQL JSON cannot hold NUL (\\u0000)")
+    if "\\ud" in text:
+        # Escaped surrogates: a pair is one character, a lone one is text UTF-8 cannot
+        # encode and jsonb refuses. Only the rare text holding any pays for this check.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = exc.object[exc.start : exc.end]
+            raise InvalidRecordError(
+                f"{what}: holds a lone surrogate (U+{ord(lone[0]):04X}), which is not text "
+                "UTF-8 or PostgreSQL can store"
+            ) from None
     return text
 
 
