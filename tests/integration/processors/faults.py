@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from types import FrameType
 from typing import Any
@@ -46,20 +47,21 @@ def poison_in_transaction(payload: dict[str, Any], conn: psycopg.Connection) -> 
 
 
 def freeze_before_commit(payload: dict[str, Any], conn: psycopg.Connection) -> None:
-    """For a record marked ``freeze``: once the worker's completion statement returns
-    (the record's queue row deleted and locked, the transaction still open), stop this
-    whole process with SIGSTOP. The others take ``FLOWFLEET_TEST_SLEEP`` seconds."""
-    if not payload.get("freeze"):
-        seconds = float(os.environ.get("FLOWFLEET_TEST_SLEEP", "0"))
-        if seconds:
-            time.sleep(seconds)
+    """For a record marked ``freeze``, in a worker whose environment sets
+    FLOWFLEET_TEST_FREEZE: once the worker's completion statement returns (the record's
+    queue row deleted and locked, the transaction still open), stop this whole process
+    with SIGSTOP. Other records take ``payload["sleep"]`` seconds."""
+    if not (payload.get("freeze") and os.environ.get("FLOWFLEET_TEST_FREEZE")):
+        time.sleep(float(payload.get("sleep", 0)))
         return
     complete_code = queue.complete.__code__
 
     def stop_after_complete(frame: FrameType, event: str, _arg: Any) -> None:
         if event == "return" and frame.f_code is complete_code:
             sys.setprofile(None)
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # At this thread: a SIGSTOP sent to the process lets the sender run on until
+            # its next system call, which would be the COMMIT.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
     sys.setprofile(stop_after_complete)
 
