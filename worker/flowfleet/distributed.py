@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from flowfleet import queue
+from flowfleet import defaults, queue
 from flowfleet.config import ConfigManager
 from flowfleet.database import DatabaseManager
 from flowfleet.errors import DatabaseUnavailableError
@@ -37,20 +37,26 @@ class DistributedProcessor:
         self.instance_id = instance_id or default_instance_id()
         # Read now, not at import: PREFECT_ENVIRONMENT may be set after flowfleet loads.
         settings = ConfigManager("distributed_processor")
-        self.cleanup_timeout_hours = float(settings.get_variable("cleanup_timeout_hours", 2.0))
+        self.cleanup_timeout_hours = float(
+            settings.get_variable("cleanup_timeout_hours", float(defaults.CLEANUP_TIMEOUT_HOURS))
+        )
         self.policy = queue.RetryPolicy(
             max_retries=max_retries
             if max_retries is not None
-            else settings.get_variable("max_retries", 3),
-            backoff_base=settings.get_variable("retry_backoff_seconds", 1.0),
-            backoff_cap=settings.get_variable("retry_backoff_max_seconds", 300.0),
+            else settings.get_variable("max_retries", defaults.MAX_RETRIES),
+            backoff_base=settings.get_variable(
+                "retry_backoff_seconds", defaults.RETRY_BACKOFF_SECONDS
+            ),
+            backoff_cap=settings.get_variable(
+                "retry_backoff_max_seconds", defaults.RETRY_BACKOFF_MAX_SECONDS
+            ),
         )
         # Callers of this API do not renew leases, so by default a claim lasts as long as
         # the seed's orphan timeout; the worker, which does renew, uses a short one.
         self.lease_seconds = lease_seconds or settings.get_variable(
             "lease_seconds", self.cleanup_timeout_hours * 3600
         )
-        self.max_abandons = int(settings.get_variable("max_abandons", queue.DEFAULT_MAX_ABANDONS))
+        self.max_abandons = int(settings.get_variable("max_abandons", defaults.MAX_ABANDONS))
         self._tokens: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -82,7 +88,9 @@ class DistributedProcessor:
 
     # -- flows ------------------------------------------------------------------------
 
-    def claim_records_batch(self, flow_name: str, batch_size: int = 50) -> list[dict[str, Any]]:
+    def claim_records_batch(
+        self, flow_name: str, batch_size: int = defaults.BATCH_SIZE
+    ) -> list[dict[str, Any]]:
         """Claim up to ``batch_size`` pending records for this process's instance id."""
         queue.check_flow_name(flow_name)
         with self.queue_db.connection() as conn:

@@ -9,11 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flowfleet.errors import FlowfleetError
-
-
-class EntrypointError(FlowfleetError):
-    pass
+from flowfleet.errors import EntrypointError
 
 
 @dataclass(frozen=True)
