@@ -396,15 +396,42 @@ def release_orphans(
     flow_name: str | None = None,
     *,
     max_abandons: int = DEFAULT_MAX_ABANDONS,
+    reconnect_seconds: float = 0.0,
 ) -> list[int]:
     """Return records of dead claimers to the queue without spending a retry: those whose
     lease expired and, given ``timeout_seconds``, those claimed longer ago than that. A
     record abandoned ``max_abandons`` times is failed instead. Returns the ids touched.
-    Rows another transaction holds are left for a later call: this never waits on them."""
+
+    Expired leases count only once the server has been up ``reconnect_seconds`` (the
+    lease keeper gives the lease length): after a database restart, live workers renew
+    their leases before anyone takes them for dead. Rows another transaction holds are
+    left for a later call: this never waits on them."""
     rows = _run_keeper(
         conn,
         query("release_orphans"),
-        {"timeout_seconds": timeout_seconds, "flow_name": flow_name, "max_abandons": max_abandons},
+        {
+            "timeout_seconds": timeout_seconds,
+            "flow_name": flow_name,
+            "max_abandons": max_abandons,
+            "reconnect_seconds": reconnect_seconds,
+        },
+    )
+    return [row[0] for row in rows]
+
+
+def release_instance(
+    conn: psycopg.Connection,
+    flow_name: str,
+    instance_id: str,
+    *,
+    max_abandons: int = DEFAULT_MAX_ABANDONS,
+) -> list[int]:
+    """Return every record ``instance_id`` holds in ``flow_name`` at once, counted as
+    abandoned: for an instance known to be gone (a restarted container, a deleted pod)."""
+    rows = _run_keeper(
+        conn,
+        query("release_instance"),
+        {"flow_name": flow_name, "instance_id": instance_id, "max_abandons": max_abandons},
     )
     return [row[0] for row in rows]
 

@@ -148,25 +148,11 @@ UPDATE processing_queue q
  WHERE q.id = mine.id
 RETURNING q.id;
 
--- name: release_orphans
--- Records whose claimer stopped renewing its lease, or (given the seed's timeout) claimed
--- longer ago than it, go back to pending with their retry count unchanged: the worker
--- died, the record did not fail. Clearing the token fences the dead claimer's late
--- answer. A record abandoned max_abandons times is failed instead: it is what kills them.
--- SKIP LOCKED: a row still locked belongs to a claimer that is busy with it (or frozen
--- inside a transaction, which the server's idle-in-transaction timeout ends); every
--- worker's keeper runs this, and none may wait on another worker's locks.
-WITH orphans AS (
-    SELECT id FROM processing_queue
-     WHERE status = 'processing'
-       AND (lease_expires_at < LOCALTIMESTAMP
-            OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
-       -- Without a timeout only expired leases count: a record that runs for hours
-       -- under a renewed lease is alive, however old its claim.
-       AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
-     ORDER BY id
-       FOR UPDATE SKIP LOCKED
-)
+-- name: _abandon
+-- Records of a claimer that stopped (the CTE "orphans", locked) go back to pending with
+-- their retry count unchanged: the worker died, the record did not fail. Clearing the
+-- token fences the dead claimer's late answer. A record abandoned max_abandons times is
+-- failed instead: it is what kills them.
 UPDATE processing_queue q
    SET abandoned_count = q.abandoned_count + 1,
        status = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
@@ -183,7 +169,47 @@ UPDATE processing_queue q
        updated_at = LOCALTIMESTAMP
   FROM orphans
  WHERE q.id = orphans.id
-RETURNING q.id, q.status;
+RETURNING q.id, q.status
+
+-- name: release_orphans
+-- Records whose claimer stopped renewing its lease, or (given the seed's timeout) claimed
+-- longer ago than it.
+--
+-- A lease that ran out while the server was down or just restarting says nothing about
+-- its claimer: nobody could renew. Leases count only once the server has been up for
+-- reconnect_seconds (a lease's length: time for every live worker to reconnect and
+-- renew), so a database restart is not taken for the death of every worker.
+--
+-- SKIP LOCKED: a row still locked belongs to a claimer that is busy with it (or frozen
+-- inside a transaction, which the server's idle-in-transaction timeout ends); every
+-- worker's keeper runs this, and none may wait on another worker's locks.
+WITH orphans AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'processing'
+       AND ((lease_expires_at < LOCALTIMESTAMP
+             AND pg_postmaster_start_time()
+                 < now() - make_interval(secs => %(reconnect_seconds)s::float8))
+            OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
+       -- Without a timeout only expired leases count: a record that runs for hours
+       -- under a renewed lease is alive, however old its claim.
+       AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
+     ORDER BY id
+       FOR UPDATE SKIP LOCKED
+)
+{{_abandon}};
+
+-- name: release_instance
+-- Every claim an instance holds, at once: its process is gone (a container restarted
+-- under the same pod name after an OOM kill, or a deleted pod). Counted as abandoned,
+-- since the record may be what ended it.
+WITH orphans AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'processing' AND flow_name = %(flow_name)s
+       AND flow_instance_id = %(instance_id)s
+     ORDER BY id
+       FOR UPDATE SKIP LOCKED
+)
+{{_abandon}};
 
 -- name: stats_by_flow
 SELECT flow_name,
