@@ -38,6 +38,10 @@ CONCURRENCY = 2
 LEASE = 2
 DOWN_SECONDS = LEASE + 1.5  # every lease in flight runs out while the server is down
 RESTARTS = 3
+# Records that run through several restarts: before the fix, each restart took them for
+# abandoned while they ran, and the third failed them.
+SLOW = {"sleep": 10}
+SLOW_KEYS = range(RECORDS, RECORDS + 2)
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +69,12 @@ def test_three_database_restarts_fail_no_record_as_abandoned(
     dsn = own_server.dsn()
     effects = tmp_path / "effects.log"
     with psycopg.connect(dsn, autocommit=True) as conn:
+        enqueue_keys(conn, FLOW, SLOW_KEYS, **SLOW)
         enqueue_keys(conn, FLOW, range(RECORDS))
     workers = [
         fleet.start(
             FLOW,
-            "processors.effects:append_log",
+            "processors.faults:append_log_after",
             dsn,
             name=f"restart-{i}",
             lease_seconds=LEASE,
@@ -90,14 +95,20 @@ def test_three_database_restarts_fail_no_record_as_abandoned(
         history = conn.execute(
             "SELECT count(*), max(abandoned_count), sum(abandoned_count) FROM processing_history"
         ).fetchone()
+        slow_abandons = conn.execute(
+            "SELECT payload->>'k', abandoned_count FROM processing_history WHERE payload ? 'sleep'"
+        ).fetchall()
         left = conn.execute("SELECT status, error_message FROM processing_queue").fetchall()
     assert not left, left  # nothing failed, as abandoned or otherwise
     assert history is not None
     count, most_abandoned, abandons = history
-    assert count == RECORDS
+    assert count == RECORDS + len(SLOW_KEYS)
+    # The slow records ran once, through every restart, and were never taken back.
+    assert sorted(slow_abandons) == [(str(k), 0) for k in SLOW_KEYS]
     runs = Counter(effects.read_text().split())
-    assert set(runs) == {str(k) for k in range(RECORDS)}
-    reruns = sum(runs.values()) - RECORDS
+    assert set(runs) == {str(k) for k in (*range(RECORDS), *SLOW_KEYS)}
+    assert all(runs[str(k)] == 1 for k in SLOW_KEYS), runs
+    reruns = sum(runs.values()) - RECORDS - len(SLOW_KEYS)
     print(f"restarts: {RESTARTS}, re-runs {reruns}, abandons {abandons} (max {most_abandoned})")
     # At most the records of a statement each loop had cut per restart run again, and
     # at most once counted as abandoned (a claim that committed as the server stopped,

@@ -73,3 +73,12 @@ def exit_on(payload: dict[str, Any]) -> None:
     seconds = float(os.environ.get("FLOWFLEET_TEST_SLEEP", "0"))
     if seconds:
         time.sleep(seconds)
+
+
+def append_log_after(payload: dict[str, Any]) -> None:
+    """Takes ``payload["sleep"]`` seconds (default FLOWFLEET_TEST_SLEEP), then appends the
+    record's key to the effect log, like ``effects.append_log``."""
+    from processors.effects import append_log
+
+    time.sleep(float(payload.get("sleep", 0)))
+    append_log(payload)
