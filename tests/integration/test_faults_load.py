@@ -10,6 +10,7 @@ hundreds of records ran twice.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,8 +22,10 @@ from worker_helpers import (
     drain_then_stop,
     enqueue_keys,
     fleet_fixture,  # noqa: F401 - the fixture `fleet`
+    wait_until,
 )
 
+from flowfleet import queue
 from flowfleet.throwaway import ThrowawayPostgres
 
 FLOW = "load_flow"
@@ -32,8 +35,6 @@ CONCURRENCY = 4
 BATCH = 50
 WORK_SECONDS = "0.0002"
 
-pytestmark = pytest.mark.slow
-
 
 def server_log_since(server: ThrowawayPostgres, offset: int) -> str:
     with (server.root / "server.log").open("rb") as log:
@@ -41,6 +42,7 @@ def server_log_since(server: ThrowawayPostgres, offset: int) -> str:
         return log.read().decode(errors="replace")
 
 
+@pytest.mark.slow
 def test_busy_fleet_without_faults_runs_each_record_once_and_never_deadlocks(
     fleet: Fleet,
     dsn: str,
@@ -84,3 +86,37 @@ def test_busy_fleet_without_faults_runs_each_record_once_and_never_deadlocks(
     for worker in workers:
         assert not worker.logged("connection lost"), worker.stderr()[-3000:]
     print(f"load: {RECORDS} records, {WORKERS}x{CONCURRENCY} loops in {elapsed:.1f}s")
+
+
+def test_a_serialization_failure_is_retried_as_a_statement_error(
+    dsn: str, conn: psycopg.Connection, pg_server: ThrowawayPostgres
+) -> None:
+    """Under REPEATABLE READ (a site default, say), a row updated by a transaction that
+    commits while the statement waits for it fails the statement with 40001; it ran as
+    its own transaction, so it runs again, on the same connection."""
+    log_offset = (pg_server.root / "server.log").stat().st_size
+    conn.execute("SET default_transaction_isolation TO 'repeatable read'")
+    queue.enqueue(conn, FLOW, [{"k": 1}])
+    (record,) = queue.claim(conn, FLOW, "me", 1, 60)
+    with psycopg.connect(dsn) as other:
+        other.execute("UPDATE processing_queue SET updated_at = now() WHERE id = %s", (record.id,))
+        outcome: list[str | None] = []
+        failing = threading.Thread(
+            target=lambda: outcome.append(queue.fail(conn, record.id, record.claim_token, "x"))
+        )
+        failing.start()
+        wait_until(
+            lambda: (
+                other.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                ).fetchone()
+                == (1,)
+            ),
+            10,
+            what="fail() to wait for the row",
+        )
+        other.commit()
+        failing.join(10)
+    assert outcome == ["pending"]
+    assert "could not serialize access" in server_log_since(pg_server, log_offset)
+    assert not conn.broken

@@ -13,7 +13,6 @@ only once the server has been up a lease's length.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path

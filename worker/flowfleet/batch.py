@@ -155,8 +155,8 @@ def _run_in_transaction(
                 if not queue.complete(conn, [record], [result]):
                     raise _Fenced
             return
-        except psycopg.errors.TransactionRollback:
-            if attempt == TRANSACTION_ATTEMPTS or conn.broken:
+        except psycopg.OperationalError as exc:
+            if not queue.is_retryable(exc) or attempt == TRANSACTION_ATTEMPTS or conn.broken:
                 raise
             log.info(
                 "record %s: transaction rolled back by the server; running it again", record.id

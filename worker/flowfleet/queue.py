@@ -40,10 +40,16 @@ DedupKey = str | Callable[[Mapping[str, Any]], Any] | None
 STATEMENT_ATTEMPTS = 8
 
 
+# SQLSTATEs of a statement or transaction the server rolled back whole so that it may run
+# again: serialization_failure and deadlock_detected (psycopg's classes for them share
+# no base class but OperationalError, which a lost connection raises too).
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
 def is_retryable(exc: BaseException) -> bool:
-    """A deadlock (40P01) or serialization failure (40001): the statement or transaction
-    was rolled back whole and can run again; the connection is fine."""
-    return isinstance(exc, pg_errors.TransactionRollback)
+    """A deadlock (40P01) or serialization failure (40001): rolled back whole, it can run
+    again; the connection is fine."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in RETRYABLE_SQLSTATES
 
 
 def _pause(attempt: int) -> None:
@@ -55,12 +61,12 @@ def _run(conn: psycopg.Connection, statement: str, params: Mapping[str, Any] | N
     """Execute ``statement``; run it again when it lost a deadlock or a serialization
     conflict as a transaction of its own (autocommit). Inside a caller's transaction the
     error is the caller's: that transaction is rolled back, not just this statement."""
-    for attempt in range(STATEMENT_ATTEMPTS):
+    for attempt in range(1, STATEMENT_ATTEMPTS + 1):
         try:
             return conn.execute(statement, params)
-        except pg_errors.TransactionRollback:
+        except psycopg.OperationalError as exc:
             own_transaction = conn.info.transaction_status == TransactionStatus.IDLE
-            if not own_transaction or attempt + 1 == STATEMENT_ATTEMPTS:
+            if not is_retryable(exc) or not own_transaction or attempt == STATEMENT_ATTEMPTS:
                 raise
             _pause(attempt)
     raise AssertionError("unreachable")
@@ -69,15 +75,15 @@ def _run(conn: psycopg.Connection, statement: str, params: Mapping[str, Any] | N
 def _run_keeper(conn: psycopg.Connection, statement: str, params: Mapping[str, Any]) -> list[Any]:
     """A lease keeper's statement under a lock timeout, with its rows; no rows when a lock
     could not be had in time (the next tick tries again)."""
-    for attempt in range(STATEMENT_ATTEMPTS):
+    for attempt in range(1, STATEMENT_ATTEMPTS + 1):
         try:
             with conn.transaction():
                 conn.execute(query("keeper_lock_timeout"))
                 return conn.execute(statement, params).fetchall()
         except pg_errors.LockNotAvailable:
             return []
-        except pg_errors.TransactionRollback:
-            if attempt + 1 == STATEMENT_ATTEMPTS:
+        except psycopg.OperationalError as exc:
+            if not is_retryable(exc) or attempt == STATEMENT_ATTEMPTS:
                 raise
             _pause(attempt)
     raise AssertionError("unreachable")
@@ -436,31 +442,37 @@ def release_instance(
     return [row[0] for row in rows]
 
 
-_COUNTS = ("pending_records", "processing_records", "completed_records", "failed_records")
+_COUNTS = (
+    "pending_records",
+    "processing_records",
+    "completed_records",
+    "failed_records",
+    "other_records",
+    "ready_records",
+)
 
 
 def stats(
     conn: psycopg.Connection, flow_name: str | None = None, *, completed: bool = True
 ) -> dict[str, dict[str, int]]:
     """Per-flow counts: ``{flow: {pending_records, processing_records, completed_records,
-    failed_records, ready_records}}``; ``ready_records`` excludes those waiting out a delay.
-    ``completed=False`` skips counting history, which grows without bound, for callers
-    that ask often and only about the live queue."""
+    failed_records, other_records, ready_records}}``; ``ready_records`` excludes those
+    waiting out a delay; ``other_records`` are rows whose status is none of the four (a
+    table adopted from the seed may hold them). ``completed=False`` skips counting
+    history, which grows without bound, for callers that ask often and only about the
+    live queue."""
     params = {"flow_name": flow_name}
     flows: dict[str, dict[str, int]] = {}
     with conn.cursor(row_factory=dict_row) as cur:
         for row in cur.execute(query("stats_by_flow"), params):
             name = row.pop("flow_name")
-            flows[name] = {k: int(v) for k, v in row.items()}
-        if not completed:
-            return flows
-        for row in cur.execute(query("completed_by_flow"), params):
-            counts = flows.setdefault(
-                row["flow_name"], dict.fromkeys((*_COUNTS, "ready_records"), 0)
-            )
-            counts["completed_records"] = int(row["completed_records"])
-    for counts in flows.values():
-        counts.setdefault("completed_records", 0)
+            counts = {k: int(v) for k, v in row.items()}
+            counts["completed_records"] = counts.pop("completed_in_queue")
+            flows[name] = counts
+        if completed:
+            for row in cur.execute(query("completed_by_flow"), params):
+                counts = flows.setdefault(row["flow_name"], dict.fromkeys(_COUNTS, 0))
+                counts["completed_records"] += int(row["completed_records"])
     return flows
 
 

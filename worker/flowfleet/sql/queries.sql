@@ -212,10 +212,16 @@ WITH orphans AS (
 {{_abandon}};
 
 -- name: stats_by_flow
+-- A table adopted from the seed may hold completed rows written in place after the
+-- migration, and statuses outside the four (its CHECK constraint is not added to an
+-- existing table): those are counted too, so that totals match the table.
 SELECT flow_name,
        count(*) FILTER (WHERE status = 'pending') AS pending_records,
        count(*) FILTER (WHERE status = 'processing') AS processing_records,
        count(*) FILTER (WHERE status = 'failed') AS failed_records,
+       count(*) FILTER (WHERE status = 'completed') AS completed_in_queue,
+       count(*) FILTER (WHERE status NOT IN ('pending', 'processing', 'completed', 'failed'))
+           AS other_records,
        count(*) FILTER (WHERE status = 'pending' AND available_at <= LOCALTIMESTAMP)
            AS ready_records
   FROM processing_queue
