@@ -27,6 +27,7 @@ from worker_helpers import (
     wait_until,
 )
 
+from flowfleet import queue
 from flowfleet.migrate import migrate
 from flowfleet.throwaway import ThrowawayPostgres
 
@@ -41,8 +42,6 @@ RESTARTS = 3
 # abandoned while they ran, and the third failed them.
 SLOW = {"sleep": 10}
 SLOW_KEYS = range(RECORDS, RECORDS + 2)
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -62,6 +61,7 @@ def completed(dsn: str) -> int:
         return int(row[0])
 
 
+@pytest.mark.slow
 def test_three_database_restarts_fail_no_record_as_abandoned(
     fleet: Fleet, own_server: ThrowawayPostgres, tmp_path: Path
 ) -> None:
@@ -114,3 +114,22 @@ def test_three_database_restarts_fail_no_record_as_abandoned(
     # its answer lost: its claimer never knew it held them).
     assert reruns <= RESTARTS * WORKERS * CONCURRENCY
     assert most_abandoned <= 1
+
+
+def test_a_worker_restarted_under_its_instance_id_returns_its_old_claims_at_once(
+    fleet: Fleet, dsn: str, conn: psycopg.Connection
+) -> None:
+    """A container restarted in the same pod (after an OOM kill, say) starts under the
+    same instance id: what that id still holds was claimed by the process that died, and
+    comes back now rather than when the lease runs out."""
+    enqueue_keys(conn, FLOW, range(6))
+    held = queue.claim(conn, FLOW, "pod-a", 3, 600)
+    assert len(held) == 3
+    worker = fleet.start(FLOW, "processors.effects:sleepy", dsn, name="pod-a", lease_seconds=600)
+    # Within seconds, not the 600 s lease.
+    drain_then_stop(conn, FLOW, [worker], 30)
+    assert worker.logged("returned 3 records that pod-a held before this process started")
+    abandoned = conn.execute(
+        "SELECT id, abandoned_count FROM processing_history WHERE abandoned_count > 0 ORDER BY id"
+    ).fetchall()
+    assert abandoned == [(r.id, 1) for r in sorted(held, key=lambda r: r.id)]
