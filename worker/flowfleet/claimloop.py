@@ -42,6 +42,8 @@ class ClaimSettings:
     lease_seconds: float
     poll_seconds: float
     exit_when_empty: bool = False
+    # A bound on the payload bytes of one batch (None: batch_size alone bounds it).
+    max_batch_bytes: int | None = None
 
 
 class QueueDatabase(Protocol):
@@ -200,6 +202,7 @@ class ClaimLoop:
                     s.instance_id,
                     s.batch_size,
                     s.lease_seconds,
+                    max_batch_bytes=s.max_batch_bytes,
                 )
             else:
                 finish(conn, outcome)
@@ -215,7 +218,14 @@ class ClaimLoop:
     def _claim(self) -> list[queue.Claimed]:
         assert self.conn is not None
         s = self.settings
-        return queue.claim(self.conn, s.flow_name, s.instance_id, s.batch_size, s.lease_seconds)
+        return queue.claim(
+            self.conn,
+            s.flow_name,
+            s.instance_id,
+            s.batch_size,
+            s.lease_seconds,
+            max_batch_bytes=s.max_batch_bytes,
+        )
 
     def _hold(self, batch: list[queue.Claimed]) -> None:
         """Hold a fresh claim in flight: from now on the lease keeper renews it."""

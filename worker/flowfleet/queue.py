@@ -261,15 +261,20 @@ def claim(
     instance_id: str,
     batch_size: int,
     lease_seconds: float,
+    *,
+    max_batch_bytes: int | None = None,
 ) -> list[Claimed]:
+    """Claim up to ``batch_size`` records; with ``max_batch_bytes``, fewer when their
+    payloads (as JSON text) would add up to more (the first is always taken)."""
     cur = _run(
         conn,
-        query("claim"),
+        query("claim") if max_batch_bytes is None else query("claim_within_bytes"),
         {
             "flow_name": flow_name,
             "instance_id": instance_id,
             "batch_size": batch_size,
             "lease_seconds": lease_seconds,
+            "max_batch_bytes": max_batch_bytes,
         },
     )
     return _claimed(cur.fetchall())
@@ -282,11 +287,15 @@ def complete_and_claim(
     instance_id: str,
     batch_size: int,
     lease_seconds: float,
+    *,
+    max_batch_bytes: int | None = None,
 ) -> list[Claimed]:
     """Complete ``done`` and claim the next batch in one statement and one commit."""
     cur = _run(
         conn,
-        query("complete_and_claim"),
+        query("complete_and_claim")
+        if max_batch_bytes is None
+        else query("complete_and_claim_within_bytes"),
         {
             "done_ids": [r.id for r in done],
             "done_tokens": [r.claim_token for r in done],
@@ -294,6 +303,7 @@ def complete_and_claim(
             "instance_id": instance_id,
             "batch_size": batch_size,
             "lease_seconds": lease_seconds,
+            "max_batch_bytes": max_batch_bytes,
         },
     )
     return _claimed(cur.fetchall())

@@ -91,6 +91,7 @@ class Worker:
             lease_seconds=settings.lease_seconds,
             poll_seconds=settings.poll_seconds,
             exit_when_empty=settings.exit_when_empty,
+            max_batch_bytes=settings.max_batch_bytes,
         )
         self.loops = [
             ClaimLoop(

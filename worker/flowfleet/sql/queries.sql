@@ -1,10 +1,10 @@
 -- Every statement flowfleet runs, by name. Python refers to them by the name after
 -- "-- name:"; only identifiers are ever composed, and none of these needs one.
 
--- name: _pick
--- The records a claim takes: pending, due, in priority then FIFO order. A record whose
--- worker died holding it may be what killed it, so it is claimed alone, ahead of the
--- rest: it cannot take a batch of innocent records down with it again.
+-- name: _candidates
+-- The records a claim may take: pending, due, in priority then FIFO order. A record
+-- whose worker died holding it may be what killed it, so it is claimed alone, ahead of
+-- the rest: it cannot take a batch of innocent records down with it again.
 --
 -- Nothing is picked before the CTE "settled" has been read: a statement that also
 -- completes records makes "settled" wait for its deletes (see complete_and_claim).
@@ -16,16 +16,40 @@ suspect AS (
      LIMIT 1
      FOR UPDATE SKIP LOCKED
 ), batch AS (
-    SELECT id FROM processing_queue
+    SELECT id, priority FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count = 0
        AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
        AND NOT EXISTS (SELECT FROM suspect)
      ORDER BY priority DESC, id
      LIMIT %(batch_size)s
      FOR UPDATE SKIP LOCKED
-), picked AS (
+)
+
+-- name: _take_all
+picked AS (
     SELECT id FROM suspect UNION ALL SELECT id FROM batch
-), token AS (
+)
+
+-- name: _take_within_bytes
+-- A worker holds a whole batch in memory: the batch ends before its payloads (as JSON
+-- text) add up to more than max_batch_bytes. The first record is always taken, however
+-- large, or it could never run. Rows left out stay pending. A separate statement from
+-- the plain claim, which thus pays nothing for it.
+budget AS (
+    SELECT id FROM (
+        SELECT b.id, octet_length(q.payload::text) AS bytes,
+               sum(octet_length(q.payload::text))
+                   OVER (ORDER BY b.priority DESC, b.id ROWS UNBOUNDED PRECEDING) AS running
+          FROM batch b JOIN processing_queue q ON q.id = b.id
+    ) sized
+     WHERE running <= %(max_batch_bytes)s OR running = bytes
+), picked AS (
+    SELECT id FROM suspect UNION ALL SELECT id FROM budget
+)
+
+-- name: _stamp
+-- The picked records become this claimer's, under one new token.
+token AS (
     SELECT nextval('processing_queue_claim_token_seq') AS value
 )
 UPDATE processing_queue q
@@ -40,7 +64,10 @@ RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priorit
 -- name: claim
 -- One statement: pick, lock and stamp. SKIP LOCKED lets concurrent claimers pass each
 -- other's locked rows instead of queueing behind them; the token fences completions.
-WITH settled AS (SELECT), {{_pick}}
+WITH settled AS (SELECT), {{_candidates}}, {{_take_all}}, {{_stamp}}
+
+-- name: claim_within_bytes
+WITH settled AS (SELECT), {{_candidates}}, {{_take_within_bytes}}, {{_stamp}}
 
 -- name: _archive
 -- Completed rows, from a CTE "done" that returns the deleted queue row and its result,
@@ -64,7 +91,14 @@ SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALT
 -- followed without regard to SKIP LOCKED. Deleting after claiming thus waited for our
 -- own rows while holding other workers' rows, and two such statements deadlocked;
 -- deleting first means we hold only our own rows while we wait.
-WITH done AS (
+WITH {{_settle}}, {{_candidates}}, {{_take_all}}, {{_stamp}}
+
+-- name: complete_and_claim_within_bytes
+WITH {{_settle}}, {{_candidates}}, {{_take_within_bytes}}, {{_stamp}}
+
+-- name: _settle
+-- The completions of complete_and_claim; "settled" is read only once they are done.
+done AS (
     DELETE FROM processing_queue q
      USING unnest(%(done_ids)s::bigint[], %(done_tokens)s::bigint[]) AS d(id, token)
      WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
@@ -73,7 +107,7 @@ WITH done AS (
     {{_archive}}
 ), settled AS (
     SELECT count(*) FROM done
-), {{_pick}}
+)
 
 -- name: complete
 -- Fenced: a row whose token changed (taken back, re-claimed) is not touched.
