@@ -114,6 +114,12 @@ def test_three_database_restarts_fail_no_record_as_abandoned(
     # its answer lost: its claimer never knew it held them).
     assert reruns <= RESTARTS * WORKERS * CONCURRENCY
     assert most_abandoned <= 1
+    # The outage was reported, once per line ("cannot reach database ... at ...").
+    outage_lines = [
+        entry["msg"] for w in workers for entry in w.logs() if "cannot reach" in entry["msg"]
+    ]
+    assert outage_lines
+    assert all(line.count("cannot reach database") == 1 for line in outage_lines), outage_lines
 
 
 def test_a_worker_restarted_under_its_instance_id_returns_its_old_claims_at_once(
