@@ -118,13 +118,13 @@ def test_a_new_claim_forgets_the_last_batch_progress() -> None:
 def test_holding_and_letting_go_keep_the_metrics() -> None:
     metrics = WorkerMetrics("f")
     loop = claim_loop(metrics)
-    loop._hold([record(1), record(2), record(3)])
+    loop._hold_in_flight([record(1), record(2), record(3)])
     assert gauge(metrics, "flowfleet_records_in_flight") == 3
     assert gauge(metrics, "flowfleet_records_claimed_total") == 3
     assert len(loop.in_flight.records()) == 3
-    loop._hold([])  # an empty claim holds nothing and counts nothing
+    loop._hold_in_flight([])  # an empty claim holds nothing and counts nothing
     assert gauge(metrics, "flowfleet_records_claimed_total") == 3
-    loop._let_go()
+    loop._drop_in_flight()
     assert gauge(metrics, "flowfleet_records_in_flight") == 0
     assert loop.in_flight.records() == []
 
@@ -135,7 +135,7 @@ def test_outcome_counts_reach_the_metrics() -> None:
     outcome = BatchOutcome(
         completed=[record(1)], committed=2, retried=1, failed=1, fenced=1, unprocessed=[record(9)]
     )
-    loop._count(outcome)
+    loop._count_outcome(outcome)
     assert gauge(metrics, "flowfleet_records_completed_total") == 3
     assert gauge(metrics, "flowfleet_records_retried_total") == 1
     assert gauge(metrics, "flowfleet_records_failed_total") == 1

@@ -119,8 +119,8 @@ class ClaimLoop:
                         # Left by a pass that failed: settled before anything new is claimed.
                         self._settle(self.conn)
                     seen = self.wakeups.generation
-                    batch = self._claim()
-                    self._hold(batch)
+                    batch = self._claim_batch()
+                    self._hold_in_flight(batch)
                     if batch:
                         self.runner.run_busy_stretch(batch, self)
                         backoff.reset()  # a clean pass (a batch run, an empty claim) ends backoff
@@ -187,8 +187,8 @@ class ClaimLoop:
                 queue.release(conn, outcome.unprocessed)
             if outcome.fatal is not None:
                 finish(conn, outcome)
-                self._count(outcome)
-                self._let_go()
+                self._count_outcome(outcome)
+                self._drop_in_flight()
                 raise outcome.fatal
             keep_going = not self.stopping.is_set() and (
                 deadline is None or time.monotonic() < deadline
@@ -206,16 +206,16 @@ class ClaimLoop:
                 )
             else:
                 finish(conn, outcome)
-                following = self._claim() if keep_going else []
-            self._count(outcome)
-            self._let_go()
-            self._hold(following)
+                following = self._claim_batch() if keep_going else []
+            self._count_outcome(outcome)
+            self._drop_in_flight()
+            self._hold_in_flight(following)
             batch = following
         return ran
 
     # -- claims and what the loop holds ----------------------------------------------
 
-    def _claim(self) -> list[queue.Claimed]:
+    def _claim_batch(self) -> list[queue.Claimed]:
         assert self.conn is not None
         s = self.settings
         return queue.claim(
@@ -227,17 +227,17 @@ class ClaimLoop:
             max_batch_bytes=s.max_batch_bytes,
         )
 
-    def _hold(self, batch: list[queue.Claimed]) -> None:
+    def _hold_in_flight(self, batch: list[queue.Claimed]) -> None:
         """Hold a fresh claim in flight: from now on the lease keeper renews it."""
         if batch:
             self.metrics.claimed.inc(len(batch))
             self.in_flight.hold(batch)
             self.metrics.in_flight.inc(len(batch))
 
-    def _let_go(self) -> None:
+    def _drop_in_flight(self) -> None:
         self.metrics.in_flight.dec(self.in_flight.clear())
 
-    def _count(self, outcome: BatchOutcome) -> None:
+    def _count_outcome(self, outcome: BatchOutcome) -> None:
         m = self.metrics
         m.completed.inc(len(outcome.completed) + outcome.committed)
         m.retried.inc(outcome.retried)
@@ -259,7 +259,7 @@ class ClaimLoop:
         results = split.results if any(r is not None for r in split.results) else None
         completed = queue.complete(conn, split.processed, results)
         released = queue.release(conn, split.unprocessed)
-        self._let_go()
+        self._drop_in_flight()
         if completed or released:
             log.info(
                 "settled the interrupted batch: completed %d processed records, released %d",
