@@ -4,6 +4,12 @@ next claim, and wait for a wake-up when the queue is empty.
 A loop runs on its own thread with its own connection. It depends on small explicit
 parts only: its settings, a database to connect to, a runner, the wake-ups, the stop
 event and the worker's metrics.
+
+A pass that fails (a lost connection, a statement error, a bug) does not drop the batch in
+hand: the records it processed are completed and the rest handed back, at once if the
+database answers, else as soon as it does (the keeper renews their leases meanwhile). A
+BaseException (``sys.exit()`` in a processor) ends the loop, and the worker stops with a
+non-zero exit.
 """
 
 from __future__ import annotations
