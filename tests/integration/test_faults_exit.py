@@ -11,6 +11,8 @@ worker stops, lets its other loop finish, and exits non-zero so that it is resta
 from __future__ import annotations
 
 import psycopg
+import pytest
+from conftest_prefect import prefect_api_fixture  # noqa: F401 - fixture
 from worker_helpers import (
     Fleet,
     drain_then_stop,
@@ -20,6 +22,7 @@ from worker_helpers import (
 )
 
 from flowfleet import queue
+from flowfleet.throwaway import ThrowawayPrefect
 
 FLOW = "exit_flow"
 
@@ -27,13 +30,27 @@ FLOW = "exit_flow"
 def test_system_exit_in_a_processor_fails_its_record_and_ends_the_worker_non_zero(
     fleet: Fleet, dsn: str, conn: psycopg.Connection
 ) -> None:
+    exit_ends_the_worker(fleet, dsn, conn, "plain", {})
+
+
+@pytest.mark.slow
+def test_system_exit_under_the_prefect_runner(
+    prefect_api: ThrowawayPrefect, fleet: Fleet, dsn: str, conn: psycopg.Connection
+) -> None:
+    exit_ends_the_worker(fleet, dsn, conn, "prefect", prefect_api.env())
+
+
+def exit_ends_the_worker(
+    fleet: Fleet, dsn: str, conn: psycopg.Connection, runner: str, env: dict[str, str]
+) -> None:
     queue.enqueue(conn, FLOW, [{"k": k, "exit": k == 3} for k in range(8)])
     worker = fleet.start(
         FLOW,
         "processors.faults:exit_on",
         dsn,
+        runner=runner,
         args=["--batch-size", "8", "--max-retries", "0", "--concurrency", "2"],
-        env={"FLOWFLEET_TEST_SLEEP": "0.05"},
+        env={"FLOWFLEET_TEST_SLEEP": "0.05", **env},
     )
     assert worker.wait_exit(30) != 0, worker.stderr()[-3000:]
     assert worker.logged("ended by SystemExit")
@@ -53,7 +70,7 @@ def test_system_exit_in_a_processor_fails_its_record_and_ends_the_worker_non_zer
 
     # Another worker finishes the rest; the record that exited stays failed.
     enqueue_keys(conn, FLOW, range(8, 12))
-    successor = fleet.start(FLOW, "processors.faults:exit_on", dsn)
+    successor = fleet.start(FLOW, "processors.faults:exit_on", dsn, runner=runner, env=env)
     drain_then_stop(conn, FLOW, [successor], 30)
     counts = queue_counts(conn, FLOW)
     assert (counts["completed"], counts["failed"]) == (11, 1), counts
