@@ -28,8 +28,12 @@ def queries() -> dict[str, str]:
     # {{_name}}: the claim's picking logic exists once for both statements that claim.
     fragments = {name: named.pop(name).rstrip(";") for name in list(named) if name[0] == "_"}
     for name, body in named.items():
-        for fragment, text in fragments.items():
-            body = body.replace("{{" + fragment + "}}", text)
+        # Fragments may name fragments: splice until nothing changes.
+        spliced = None
+        while spliced != body:
+            spliced = body
+            for fragment, text in fragments.items():
+                body = body.replace("{{" + fragment + "}}", text)
         if "{{" in body:
             raise RuntimeError(f"query {name!r} names an unknown fragment")
         named[name] = body
