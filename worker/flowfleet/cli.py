@@ -504,7 +504,7 @@ def cleanup(
         typer.echo(f"released {released} orphaned records")
         if instance is not None:
             with target.connection() as conn:
-                freed = queue.release_instance(conn, instance)
+                freed = queue.release_instance_everywhere(conn, instance)
             typer.echo(f"released {len(freed)} records held by {instance}")
         if completed_older_than_hours is not None:
             deleted = processor.cleanup_completed_records(completed_older_than_hours)

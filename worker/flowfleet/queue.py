@@ -545,7 +545,8 @@ def release_tokens(conn: psycopg.Connection, pairs: Sequence[tuple[int, int]]) -
     return [row[0] for row in cur.fetchall()]
 
 
-def release_instance(conn: psycopg.Connection, instance_id: str) -> list[int]:
-    """Hand back every record ``instance_id`` holds, whatever its lease; returns the ids."""
-    cur = conn.execute(query("release_instance"), {"instance_id": instance_id})
+def release_instance_everywhere(conn: psycopg.Connection, instance_id: str) -> list[int]:
+    """Hand back every record ``instance_id`` holds in any flow, whatever its lease, no
+    retry spent (``flowfleet cleanup --instance``); returns the ids."""
+    cur = conn.execute(query("release_instance_everywhere"), {"instance_id": instance_id})
     return [row[0] for row in cur.fetchall()]

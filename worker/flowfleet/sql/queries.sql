@@ -394,7 +394,7 @@ SELECT flow_name, flow_instance_id AS instance_id, count(*) AS processing_record
 -- Where records are now (live queue or history), for a requeue that names ids.
 SELECT id, flow_name, status FROM processing_records WHERE id = ANY(%(ids)s::bigint[]);
 
--- name: release_instance
+-- name: release_instance_everywhere
 -- `flowfleet cleanup --instance ID`: that claimer is known to be gone (say a script killed
 -- holding Python-API claims, which are not renewed and last cleanup_timeout_hours). Its
 -- records go back now, no retry spent; the cleared token fences a late answer from it.
