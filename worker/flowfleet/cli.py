@@ -645,6 +645,12 @@ def worker(
             f" (default {defaults.RECORD_TIMEOUT_SECONDS}).",
         ),
     ] = None,
+    max_batch_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bound a batch's payload bytes (one record always fits); default no bound."
+        ),
+    ] = None,
     exit_when_empty: Annotated[
         bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
     ] = False,
@@ -677,6 +683,7 @@ def worker(
                 "http_port": http_port,
                 "max_retries": max_retries,
                 "record_timeout_seconds": record_timeout_seconds,
+                "max_batch_bytes": max_batch_bytes,
                 "exit_when_empty": exit_when_empty,
             },
         )
