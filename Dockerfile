@@ -1,4 +1,6 @@
-# One image for the worker (and, later, the operator). Build: docker build -t flowfleet .
+# One image for the worker (`flowfleet worker ...`) and the operator (`flowfleet operator`,
+# from the `operator` extra installed below; the Helm chart runs it). Build:
+# docker build -t flowfleet .
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./

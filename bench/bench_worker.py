@@ -36,38 +36,26 @@ from bench_queue import drain_pgqueuer  # noqa: E402
 from flowfleet.database import DatabaseManager  # noqa: E402
 from flowfleet.distributed import DistributedProcessor  # noqa: E402
 from flowfleet.throwaway import ThrowawayPrefect, free_port  # noqa: E402
+from flowfleet.workercmd import Option, worker_command  # noqa: E402
 
 FLOW = "bench"
 
 
 def start_worker(
-    dsn: str, name: str, runner: str, batch: int, extra_env: dict[str, str], *extra: str
+    dsn: str, name: str, runner: str, batch: int, extra_env: dict[str, str], **options: Option
 ) -> subprocess.Popen[bytes]:
     env = {**os.environ, **extra_env, "POD_NAME": name, "PYTHONPATH": str(HERE)}
     env.pop("PREFECT_ENVIRONMENT", None)
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flowfleet.cli",
-            "worker",
-            FLOW,
-            "--dsn",
-            dsn,
-            "--entrypoint",
-            extra_env.get("ENTRYPOINT", "processors:noop"),
-            "--runner",
-            runner,
-            "--batch-size",
-            str(batch),
-            "--log-format",
-            "json",
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    command = worker_command(
+        FLOW,
+        extra_env.get("ENTRYPOINT", "processors:noop"),
+        dsn=dsn,
+        runner=runner,
+        batch_size=batch,
+        log_format="json",
+        **options,
     )
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def wait_http(url: str, timeout: float = 120.0) -> None:
@@ -123,7 +111,7 @@ def workers_drain(
         conn.execute("VACUUM ANALYZE processing_queue")
     ports = [free_port() for _ in range(procs)]
     workers = [
-        start_worker(dsn, f"w{i}", runner, batch, env, "--http-port", str(port))
+        start_worker(dsn, f"w{i}", runner, batch, env, http_port=port)
         for i, port in enumerate(ports)
     ]
     try:
@@ -167,9 +155,7 @@ def latency(dsn: str, samples: int) -> list[float]:
         stamps = Path(tmp) / "stamps"
         port = free_port()
         env = {"FLOWFLEET_BENCH_STAMPS": str(stamps), "ENTRYPOINT": "processors:stamp"}
-        worker = start_worker(
-            dsn, "idle", "plain", 50, env, "--http-port", str(port), "--poll-seconds", "60"
-        )
+        worker = start_worker(dsn, "idle", "plain", 50, env, http_port=port, poll_seconds=60)
         try:
             wait_http(f"http://127.0.0.1:{port}/readyz")
             db = DatabaseManager("bench-latency", connection_string=dsn)

@@ -113,8 +113,10 @@ class Database:
             return queue.depth_of_flows(conn, flow_names, RATE_WINDOW_SECONDS)
 
     def in_flight(self, flow_name: str) -> dict[str, int]:
+        """Records each instance (pod) of the flow holds now."""
         with self.connection() as conn:
-            return queue.in_flight_by_instance(conn, flow_name)
+            rows = queue.processing_by_instance(conn, flow_name)
+        return {str(r["instance_id"]): int(r["processing_records"]) for r in rows}
 
     def release_instance(self, flow_name: str, instance_id: str) -> list[int]:
         with self.connection() as conn:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -92,81 +91,11 @@ def operator_crd(control_plane: ControlPlane) -> None:
     )
 
 
-# Exactly the API calls the contract with the Helm chart lists (its ClusterRole grants
-# these): running the operator under them here proves it needs nothing more.
-CONTRACT_RULES: list[dict[str, Any]] = [
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/scale"], "verbs": ["get"]},
-    {
-        "apiGroups": ["apps"],
-        "resources": ["deployments"],
-        "verbs": ["get", "list", "watch", "create", "patch"],
-    },
-    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-    {
-        "apiGroups": ["apiextensions.k8s.io"],
-        "resources": ["customresourcedefinitions"],
-        "verbs": ["list", "watch"],
-    },
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
-]
-
-
 @pytest.fixture(scope="session")
-def operator_kubeconfig(
-    control_plane: ControlPlane, api: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """The kubeconfig `flowfleet operator` runs with: a bound token of a ServiceAccount
-    holding only CONTRACT_RULES (at merge: the chart's own ServiceAccount)."""
-    from kubernetes import client
-
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    # Names of our own, so a helm-installed chart in the same cluster never collides.
-    ns, name = "flowfleet-operator-e2e", "flowfleet-operator-e2e-contract"
-    core.create_namespace({"metadata": {"name": ns}})
-    core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
-    rbac.create_cluster_role({"metadata": {"name": name}, "rules": CONTRACT_RULES})
-    rbac.create_cluster_role_binding(
-        {
-            "metadata": {"name": name},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": name,
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
-        }
-    )
-    token = core.create_namespaced_service_account_token(
-        name, ns, {"spec": {"expirationSeconds": 7200}}
-    ).status.token
-    path = tmp_path_factory.mktemp("operator-kubeconfig") / "kubeconfig"
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [
-                    {
-                        "name": "e2e",
-                        "cluster": {
-                            "server": control_plane.server,
-                            "certificate-authority": str(control_plane.ca_cert),
-                        },
-                    }
-                ],
-                "users": [{"name": name, "user": {"token": token}}],
-                "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": name}}],
-                "current-context": "e2e",
-            }
-        )
-    )
-    return path
+def operator_kubeconfig(chart_operator_kubeconfig: Path) -> Path:
+    """The kubeconfig `flowfleet operator` runs with: a token of the Helm chart's operator
+    ServiceAccount, so every operator test also proves the chart's RBAC is enough."""
+    return chart_operator_kubeconfig
 
 
 class OperatorProcess:

@@ -1,6 +1,7 @@
-"""The operator end to end: `flowfleet operator` against the real control plane and a real
-PostgreSQL that checks passwords. There is no kubelet, so pods never run: the tests play
-the workers through the queue API, under the pod names the ReplicaSet gave.
+"""The operator end to end: `flowfleet operator` (under the Helm chart's ServiceAccount)
+against the real control plane and a real PostgreSQL that checks passwords. Worker pods are
+never scheduled here: the tests play the workers through the queue API, under the pod
+names the ReplicaSet gave.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ SPEC: dict[str, Any] = {
     "recordsPerReplica": 100,
     "pollIntervalSeconds": 1,
     "scaleDownDelaySeconds": 3,
+    # These tests play the workers themselves: their pods must stay Pending even when the
+    # session has a local node that would run them (tests/e2e/localnode_fixtures.py).
+    "nodeSelector": {"flowfleet.io/e2e-unschedulable": "true"},
 }
 
 

@@ -20,13 +20,21 @@ from flowfleet.sql import latest_version
 FLOWFLEET = str(Path(sys.executable).with_name("flowfleet"))
 
 
-def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, stdin: str | None = None, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     environ = dict(os.environ)
     environ.pop("PREFECT_ENVIRONMENT", None)
     environ.pop("FLOWFLEET_DSN", None)
     environ.update(env)
     return subprocess.run(
-        [FLOWFLEET, *args], input=stdin, capture_output=True, text=True, timeout=120, env=environ
+        [FLOWFLEET, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+        cwd=cwd,
     )
 
 

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from flowfleet.throwaway import free_port
+from flowfleet.workercmd import worker_command
 
 HERE = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -175,11 +176,15 @@ class Fleet:
         lease_seconds: float | None = 2,
         args: Sequence[str] = (),
     ) -> list[str]:
-        cmd = [sys.executable, "-m", "flowfleet.cli", "worker", flow]
-        cmd += ["--entrypoint", entrypoint, "--runner", runner, "--dsn", dsn]
-        cmd += ["--http-port", str(port), "--log-format", "json"]
-        if lease_seconds is not None:
-            cmd += ["--lease-seconds", str(lease_seconds)]
+        cmd = worker_command(
+            flow,
+            entrypoint,
+            runner=runner,
+            dsn=dsn,
+            http_port=port,
+            log_format="json",
+            lease_seconds=lease_seconds,
+        )
         return [*cmd, *args]
 
     def start(

@@ -3,12 +3,17 @@ the Python API all agree with ``flowfleet.defaults``."""
 
 from __future__ import annotations
 
+import inspect
+import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from flowfleet import defaults
+from flowfleet.database import DatabaseManager
+from flowfleet.distributed import DistributedProcessor
 from flowfleet.settings import WorkerSettings
 
 CRD = Path(__file__).resolve().parents[2] / "crds" / "distributedflow.yaml"
@@ -77,3 +82,20 @@ def test_operator_model_defaults_match_the_crd() -> None:
     assert props["database"]["properties"]["migrate"]["default"] is True
     assert FlowSpec.model_fields["database"].annotation is not None
     assert "default" not in props["replicas"]  # unset means autoscaling
+
+
+def test_python_api_defaults_match_the_defaults_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("DEVELOPMENT_", "GLOBAL_", "PREFECT_ENVIRONMENT")):
+            monkeypatch.delenv(name)
+    # Building the processor does no I/O: the pool opens on first use.
+    dp = DistributedProcessor(DatabaseManager("q", connection_string="postgresql://u@h/d"))
+    assert dp.policy.max_retries == defaults.MAX_RETRIES
+    assert dp.policy.backoff_base == defaults.RETRY_BACKOFF_SECONDS
+    assert dp.policy.backoff_cap == defaults.RETRY_BACKOFF_MAX_SECONDS
+    assert dp.max_abandons == defaults.MAX_ABANDONS
+    assert dp.cleanup_timeout_hours == defaults.CLEANUP_TIMEOUT_HOURS
+    # Claims through this API are not renewed, so they last the cleanup timeout.
+    assert dp.lease_seconds == defaults.CLEANUP_TIMEOUT_HOURS * 3600
+    batch_size = inspect.signature(dp.claim_records_batch).parameters["batch_size"]
+    assert batch_size.default == defaults.BATCH_SIZE

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
+import os
+import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import psycopg
 import typer
 
-from flowfleet.database import DatabaseManager, redact
+try:  # typer 0.29 carries its own copy of click; earlier ones use click itself
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import (  # type: ignore[assignment]
+        ClickException,
+        NoArgsIsHelpError,
+        UsageError,
+    )
+
+from flowfleet import defaults
+from flowfleet.database import DatabaseManager
 from flowfleet.errors import FlowfleetError, InvalidRecordError
+from flowfleet.redaction import redact
 
 app = typer.Typer(
     name="flowfleet",
@@ -26,6 +43,38 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The same rule as the DistributedFlow CRD's spec.flowName (crds/distributedflow.yaml;
+# tests/integration/test_cli_names.py holds the two together): a flow enqueued or worked on from
+# here can always be given to the operator.
+FLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def flow_name(value: str) -> str:
+    if not FLOW_NAME.fullmatch(value):
+        raise typer.BadParameter(
+            f"{value!r} is not a flow name: 1-100 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def bounded(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], Any]:
+    """An option callback refusing NaN, infinities and values outside low..high, so that
+    an absurd number is one line naming the option, not a traceback later."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            lower = f"above {low:g}" if low_open else f"at least {low:g}"
+            raise typer.BadParameter(
+                f"{value!r}: must be a finite number {lower}, at most {high:g}"
+            )
+        return value
+
+    return check
+
 
 DsnOption = Annotated[
     str | None,
@@ -51,8 +100,14 @@ def database(dsn: str | None, db: str | None) -> DatabaseManager:
 
 
 def fail(message: str, code: int = 1) -> None:
-    typer.echo(f"flowfleet: {message}", err=True)
+    # Every message leaves through here or main(): redacted, whatever path it came by.
+    typer.echo(f"flowfleet: {redact(message)}", err=True)
     raise typer.Exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 @contextmanager
@@ -62,24 +117,91 @@ def user_errors() -> Iterator[None]:
         yield
     except FlowfleetError as exc:
         fail(str(exc))
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        # The hint the worker gives at start-up, instead of a bare "relation does not exist".
+        fail(
+            "the queue database has no flowfleet schema, or an older one "
+            f"({_first_line(exc)}): run `flowfleet migrate`"
+        )
     except psycopg.Error as exc:
         # Anything else the database refuses: its first line, which names no secret.
-        lines = str(exc).strip().splitlines()
-        fail(f"database error: {redact(lines[0]) if lines else type(exc).__name__}")
+        fail(f"database error: {_first_line(exc)}")
+    except RecursionError:
+        fail("input nested too deeply to handle")
 
 
 def print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"flowfleet {version('flowfleet')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            from flowfleet import __version__
+
+            typer.echo(f"flowfleet {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """A fenced PostgreSQL queue for Prefect record-processing flows."""
+
+
+def wait_for(target: DatabaseManager, seconds: float) -> None:
+    """Until ``target`` answers or ``seconds`` pass: a Kubernetes init container may start
+    before its database does. Each wait is reported, in one line."""
+    from flowfleet.errors import DatabaseUnavailableError
+
+    deadline = time.monotonic() + seconds
+    delay = 1.0
+    while True:
+        try:
+            with target.connection(timeout=5.0):
+                return
+        except DatabaseUnavailableError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseUnavailableError(f"{exc} (waited {seconds:g}s)") from None
+            typer.echo(f"flowfleet: {redact(str(exc))}; retrying in {delay:.0f}s", err=True)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 10.0)
+
+
 @app.command()
-def migrate(dsn: DsnOption = None, db: DbOption = None) -> None:
+def migrate(
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Wait for the database to answer first (e.g. in an init container)."
+        ),
+    ] = False,
+    wait_seconds: Annotated[
+        float,
+        typer.Option(help="Give up waiting after this long.", callback=bounded(0, 86400)),
+    ] = 300.0,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
     """Create or upgrade the queue schema (idempotent; safe to run concurrently)."""
     from flowfleet.migrate import current_version
     from flowfleet.migrate import migrate as run_migrations
 
     with user_errors():
         target = database(dsn, db)
+        if wait:
+            wait_for(target, wait_seconds)
         with target.connection() as conn:
             applied = run_migrations(conn)
             version = current_version(conn)
@@ -97,12 +219,24 @@ def _reject_constant(name: str) -> Any:
 
 def _loads(text: str) -> Any:
     # Python's json accepts NaN and Infinity; PostgreSQL's does not.
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def json_lines(text: str) -> list[str]:
+    """Split at ``\n`` (a ``\r`` before it goes too) and nowhere else: U+2028, U+2029,
+    U+0085 and lone ``\r`` may stand raw inside a JSON string, where ``splitlines`` (and
+    Python's universal newlines) would cut the line in two."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def read_records(source: str) -> list[Any]:
     """JSON lines or one JSON array, from a file or ``-``; errors name the line."""
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    # Bytes, decoded here: text mode would translate newlines before we see them.
+    data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    text = data.decode("utf-8")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -115,7 +249,7 @@ def read_records(source: str) -> list[Any]:
             raise InvalidRecordError("expected a JSON array or JSON lines")
         return value
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(json_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -134,7 +268,9 @@ def read_records(source: str) -> list[Any]:
 
 @app.command()
 def enqueue(
-    flow: Annotated[str, typer.Argument(help="Flow name the records belong to.")],
+    flow: Annotated[
+        str, typer.Argument(help="Flow name the records belong to.", callback=flow_name)
+    ],
     source: Annotated[
         str, typer.Argument(help="File of JSON lines or a JSON array; - for stdin.")
     ] = "-",
@@ -158,9 +294,13 @@ def enqueue(
         except UnicodeDecodeError:
             raise InvalidRecordError(f"cannot read {source}: not UTF-8 text") from None
         processor = DistributedProcessor(database(dsn, db))
-        count = processor.add_records_to_queue(
-            flow, records, priority=priority, delay_seconds=delay, dedup_key=dedup_key
-        )
+        try:
+            count = processor.add_records_to_queue(
+                flow, records, priority=priority, delay_seconds=delay, dedup_key=dedup_key
+            )
+        except RecursionError:
+            # Deep enough to parse, too deep to serialise again: refused before any write.
+            raise InvalidRecordError("a record is nested too deeply to enqueue") from None
     typer.echo(f"enqueued {count} records for {flow}")
 
 
@@ -179,65 +319,193 @@ def _status_table(status: dict[str, Any], flow: str | None) -> Any:
     return table
 
 
+def _instances_table(instances: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table("flow", "instance", "processing", "lease expired", "oldest claim (UTC)")
+    for row in instances:
+        table.add_row(
+            row["flow_name"],
+            row["instance_id"] or "-",
+            str(row["processing_records"]),
+            str(row["expired_records"]),
+            f"{row['oldest_claim']:%Y-%m-%d %H:%M:%S}" if row["oldest_claim"] else "-",
+        )
+    return table
+
+
+def _status_view(status: dict[str, Any], instances: list[dict[str, Any]], flow: str | None) -> Any:
+    from rich.console import Group
+
+    if not instances:
+        return _status_table(status, flow)
+    return Group(_status_table(status, flow), _instances_table(instances))
+
+
+def _json_instances(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**row, "oldest_claim": row["oldest_claim"].isoformat() if row["oldest_claim"] else None}
+        for row in instances
+    ]
+
+
 @app.command()
 def status(
     flow: Annotated[str | None, typer.Argument(help="One flow; all flows when omitted.")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print get_queue_status() as JSON.")
+        bool,
+        typer.Option(
+            "--json",
+            help="Print get_queue_status() as JSON; with --watch, one compact object per line "
+            "per interval, with a timestamp.",
+        ),
+    ] = False,
+    instances: Annotated[
+        bool,
+        typer.Option(
+            "--instances",
+            help="With --json: add by_instance, the records each instance (pod) holds.",
+        ),
     ] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until interrupted.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 2.0,
+    interval: Annotated[
+        float,
+        typer.Option(
+            help="Seconds between refreshes with --watch.",
+            callback=bounded(0, 86400, low_open=True),
+        ),
+    ] = 2.0,
     dsn: DsnOption = None,
     db: DbOption = None,
 ) -> None:
-    """Queue depth per status, for one flow or all."""
+    """Queue depth per status, for one flow or all, and which instance (pod) holds what."""
     from rich.console import Console
     from rich.live import Live
 
+    from flowfleet import queue
     from flowfleet.distributed import DistributedProcessor
 
     with user_errors():
-        processor = DistributedProcessor(database(dsn, db))
+        target = database(dsn, db)
+        processor = DistributedProcessor(target)
+
+        def by_instance() -> list[dict[str, Any]]:
+            with target.connection() as conn:
+                return queue.processing_by_instance(conn, flow)
+
+        def snapshot() -> dict[str, Any]:
+            current = processor.get_queue_status(flow)
+            if instances:
+                current["by_instance"] = _json_instances(by_instance())
+            return current
+
         if as_json and not watch:
-            print_json(processor.get_queue_status(flow))
+            print_json(snapshot())
             return
+        if as_json:
+            # A stream for jq and log shippers: one line per interval, flushed as written.
+            try:
+                while True:
+                    line = {**snapshot(), "timestamp": datetime.now(timezone.utc).isoformat()}
+                    typer.echo(json.dumps(line, sort_keys=True, default=str))
+                    sys.stdout.flush()
+                    time.sleep(interval)
+            except KeyboardInterrupt:
+                return
         console = Console()
         if not watch:
-            console.print(_status_table(processor.get_queue_status(flow), flow))
+            console.print(_status_view(processor.get_queue_status(flow), by_instance(), flow))
             return
         try:
             with Live(console=console, auto_refresh=False) as live:
                 while True:
-                    current = processor.get_queue_status(flow)
-                    live.update(
-                        json.dumps(current, sort_keys=True)
-                        if as_json
-                        else _status_table(current, flow),
-                        refresh=True,
-                    )
+                    view = _status_view(processor.get_queue_status(flow), by_instance(), flow)
+                    live.update(view, refresh=True)
                     time.sleep(interval)
         except KeyboardInterrupt:
             pass
 
 
 @app.command()
+def failed(
+    flow: Annotated[str, typer.Argument(help="Flow whose failed records to list.")],
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Show at most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, full errors.")] = False,
+    dsn: DsnOption = None,
+    db: DbOption = None,
+) -> None:
+    """Failed records of a flow (id, retries, error), for `flowfleet requeue --id`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flowfleet import queue
+
+    with user_errors():
+        with database(dsn, db).connection() as conn:
+            rows, total = queue.failed_records(conn, flow, limit)
+    for row in rows:
+        # A processor's exception text may quote a connection string.
+        row["error_message"] = redact(row["error_message"] or "")
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo(f"no failed records of {flow}")
+        return
+    table = Table("id", "retries", "abandoned", "failed at (UTC)", "error")
+    for row in rows:
+        first = row["error_message"].strip().splitlines()
+        table.add_row(
+            str(row["id"]),
+            str(row["retry_count"]),
+            str(row["abandoned_count"]),
+            f"{row['updated_at']:%Y-%m-%d %H:%M:%S}",
+            first[0][:200] if first else "",
+        )
+    console = Console()
+    console.print(table)
+    shown = f", showing the first {len(rows)} (--limit)" if total > len(rows) else ""
+    console.print(f"{total} failed records of {flow}{shown}", markup=False, highlight=False)
+
+
+@app.command()
 def cleanup(
     timeout_hours: Annotated[
-        float | None, typer.Option(help="Also release claims older than this (hours).")
+        float | None,
+        typer.Option(
+            help="Also release claims older than this (hours).", callback=bounded(0, 24 * 3650)
+        ),
     ] = None,
     completed_older_than_hours: Annotated[
-        float | None, typer.Option(help="Delete completed records older than this (hours).")
+        float | None,
+        typer.Option(
+            help="Delete completed records older than this (hours).",
+            callback=bounded(0, 24 * 3650),
+        ),
+    ] = None,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            help="Also release every record this instance (pod, or hostname-pid) holds, "
+            "whatever its lease: for a claimer you know is gone.",
+        ),
     ] = None,
     dsn: DsnOption = None,
     db: DbOption = None,
 ) -> None:
     """Return orphaned records (expired leases) to the queue; optionally prune history."""
+    from flowfleet import queue
     from flowfleet.distributed import DistributedProcessor
 
     with user_errors():
-        processor = DistributedProcessor(database(dsn, db))
+        target = database(dsn, db)
+        processor = DistributedProcessor(target)
         released = processor.cleanup_orphaned_records(timeout_hours)
         typer.echo(f"released {released} orphaned records")
+        if instance is not None:
+            with target.connection() as conn:
+                freed = queue.release_instance_everywhere(conn, instance)
+            typer.echo(f"released {len(freed)} records held by {instance}")
         if completed_older_than_hours is not None:
             deleted = processor.cleanup_completed_records(completed_older_than_hours)
             typer.echo(f"deleted {deleted} completed records")
@@ -260,11 +528,13 @@ def health(
         typer.echo(f"status: {report['status']}")
         for name, info in report["databases"].items():
             typer.echo(
-                f"database {name}: {info['status']}"
-                + (f" ({info['error']})" if "error" in info else "")
+                redact(
+                    f"database {name}: {info['status']}"
+                    + (f" ({info['error']})" if "error" in info else "")
+                )
             )
         if "error" in report:
-            typer.echo(f"error: {report['error']}")
+            typer.echo(redact(f"error: {report['error']}"))
         totals = report.get("queue_status") or {}
         if totals:
             typer.echo(
@@ -291,33 +561,95 @@ def requeue(
     dsn: DsnOption = None,
     db: DbOption = None,
 ) -> None:
-    """Put failed records back in the queue with their retries reset."""
+    """Put failed records back in the queue with their retries reset.
+
+    Exits 1 when an --id names no record of FLOW; one that is not failed is noted.
+    """
     from flowfleet import queue
 
+    if ids and all_failed:
+        fail("give --id ID (repeatable) or --all-failed, not both", 2)
     if not ids and not all_failed:
         fail("say which records: --id ID (repeatable) or --all-failed", 2)
     with user_errors():
         with database(dsn, db).connection() as conn:
             requeued = queue.requeue_failed(conn, flow, ids if not all_failed else None)
+            missing = sorted(set(ids or ()) - set(requeued))
+            found = queue.records_by_id(conn, missing) if missing else {}
     typer.echo(f"requeued {len(requeued)} failed records of {flow}")
+    # A record of this flow that is no longer failed (requeued already, say) is only
+    # noted, so a rerun stays a success; an id that names nothing of FLOW is an error.
+    unknown, idle = [], []
+    for record_id in missing:
+        if record_id not in found:
+            unknown.append(f"{record_id} not found")
+        elif found[record_id][0] != flow:
+            unknown.append(f"{record_id} belongs to flow {found[record_id][0]!r}")
+        else:
+            idle.append(f"{record_id} is {found[record_id][1]}, not failed")
+    if idle:
+        typer.echo(redact(f"flowfleet: left alone: {'; '.join(idle)}"), err=True)
+    if unknown:
+        fail(f"not requeued: {'; '.join(unknown)}")
 
 
 @app.command()
 def worker(
-    flow: Annotated[str, typer.Argument(help="Flow whose records this worker processes.")],
+    flow: Annotated[
+        str,
+        typer.Argument(help="Flow whose records this worker processes.", callback=flow_name),
+    ],
     entrypoint: Annotated[
-        str | None, typer.Option(help="Record processor as module:function.")
+        str | None,
+        typer.Option(
+            help="Record processor as module:function; the current directory is importable."
+        ),
     ] = None,
-    runner: Annotated[str | None, typer.Option(help="prefect (default) or plain.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Records per claim (default 50).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Claim loops in this process.")] = None,
-    lease_seconds: Annotated[float | None, typer.Option(help="Claim lease, renewed.")] = None,
-    grace_seconds: Annotated[float | None, typer.Option(help="Drain time on SIGTERM.")] = None,
-    poll_seconds: Annotated[float | None, typer.Option(help="Poll when no NOTIFY comes.")] = None,
-    http_port: Annotated[int | None, typer.Option(help="Health/metrics port; 0 = off.")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Retries before failed.")] = None,
+    runner: Annotated[
+        str | None, typer.Option(help=f"prefect or plain (default {defaults.RUNNER}).")
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help=f"Records per claim (default {defaults.BATCH_SIZE})."),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help=f"Claim loops in this process (default {defaults.CONCURRENCY})."),
+    ] = None,
+    lease_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Claim lease, renewed every third of it (default {defaults.LEASE_SECONDS})."
+        ),
+    ] = None,
+    grace_seconds: Annotated[
+        float | None,
+        typer.Option(help=f"Drain time on SIGTERM (default {defaults.GRACE_SECONDS})."),
+    ] = None,
+    poll_seconds: Annotated[
+        float | None,
+        typer.Option(help=f"Poll when no NOTIFY comes (default {defaults.POLL_SECONDS})."),
+    ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(help=f"Health/metrics port; 0 = off (default {defaults.HTTP_PORT})."),
+    ] = None,
+    max_retries: Annotated[
+        int | None,
+        typer.Option(help=f"Retries before failed (default {defaults.MAX_RETRIES})."),
+    ] = None,
     record_timeout_seconds: Annotated[
-        float | None, typer.Option(help="A record running longer is hung (0 = no limit).")
+        float | None,
+        typer.Option(
+            help="A record running longer is hung; 0 = no limit"
+            f" (default {defaults.RECORD_TIMEOUT_SECONDS}).",
+        ),
+    ] = None,
+    max_batch_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bound a batch's payload bytes (one record always fits); default no bound."
+        ),
     ] = None,
     exit_when_empty: Annotated[
         bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
@@ -326,8 +658,11 @@ def worker(
     dsn: DsnOption = None,
     db: DbOption = None,
 ) -> None:
-    """Claim and process a flow's records until SIGTERM; every option also reads from
-    the flow's settings (e.g. DEVELOPMENT_<FLOW>_DISTRIBUTED_BATCH_SIZE)."""
+    """Claim and process a flow's records until SIGTERM.
+
+    Every option also reads from the flow's settings, e.g.
+    DEVELOPMENT_<FLOW>_DISTRIBUTED_BATCH_SIZE.
+    """
     from flowfleet import entrypoint as entrypoints
     from flowfleet import logs
     from flowfleet.identity import instance_id
@@ -348,13 +683,22 @@ def worker(
                 "http_port": http_port,
                 "max_retries": max_retries,
                 "record_timeout_seconds": record_timeout_seconds,
+                "max_batch_bytes": max_batch_bytes,
                 "exit_when_empty": exit_when_empty,
             },
         )
         processor = entrypoints.load(settings.entrypoint)
         me = instance_id()
         logs.configure(flow, me, log_format)
-        code = Worker(settings, database(dsn, db), processor, me).run()
+        try:
+            code = Worker(settings, database(dsn, db), processor, me).run()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            fail(
+                f"HTTP port {settings.http_port} is already in use (another worker on this "
+                "machine?): give each worker its own --http-port, or --http-port 0 for none"
+            )
     raise typer.Exit(code)
 
 
@@ -372,7 +716,31 @@ def main() -> None:
     # The pool retries in the background and logs each failed attempt; a command that
     # fails says so once, in its own words.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        typer.echo(exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        # Usage errors as one line, redacted: a misplaced connection string is a "value".
+        hint = ""
+        if isinstance(exc, UsageError) and exc.ctx is not None:
+            hint = f" (see {exc.ctx.command_path} --help)"
+        typer.echo(f"flowfleet: {redact(exc.format_message())}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        # A bug of ours: still one line, still no password; the traceback on request.
+        if os.environ.get("FLOWFLEET_DEBUG"):
+            typer.echo(redact(traceback.format_exc()), err=True)
+        typer.echo(
+            f"flowfleet: unexpected {type(exc).__name__}: {redact(_first_line(exc))} "
+            "(FLOWFLEET_DEBUG=1 shows the traceback)",
+            err=True,
+        )
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

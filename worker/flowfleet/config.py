@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, TypeVar
 
-from flowfleet.database import env_name, environment
-from flowfleet.errors import FlowfleetError
+from flowfleet.errors import ConfigError
+
+__all__ = ["ConfigError", "ConfigManager", "coerce", "env_name", "environment"]
 
 T = TypeVar("T")
 
@@ -23,8 +25,14 @@ _TRUE = {"1", "true", "yes", "on", "y", "t"}
 _FALSE = {"0", "false", "no", "off", "n", "f", ""}
 
 
-class ConfigError(FlowfleetError, ValueError):
-    pass
+def environment() -> str:
+    """The environment settings are read for: ``PREFECT_ENVIRONMENT``, else development."""
+    return os.environ.get("PREFECT_ENVIRONMENT", "development").strip() or "development"
+
+
+def env_name(*parts: str) -> str:
+    """``env_name("development", "rpa_db", "type")`` -> ``DEVELOPMENT_RPA_DB_TYPE``."""
+    return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_").upper() for p in parts)
 
 
 def coerce(raw: str, default: Any, source: str) -> Any:

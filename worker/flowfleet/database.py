@@ -9,7 +9,6 @@ database is PostgreSQL through psycopg 3; source databases may be any SQLAlchemy
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -20,20 +19,24 @@ import psycopg
 from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from flowfleet.config import env_name, environment
 from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
 from flowfleet.redaction import describe_dsn, redact
 from flowfleet.sql import query
 
+# Env naming lives in config and redaction in its own module; re-exported for callers
+# that have always imported them from here.
+__all__ = [
+    "DatabaseManager",
+    "check_dsn",
+    "describe_dsn",
+    "env_name",
+    "environment",
+    "redact",
+    "resolve",
+]
+
 POSTGRES_TYPES = {"postgresql", "postgres"}
-
-
-def environment() -> str:
-    return os.environ.get("PREFECT_ENVIRONMENT", "development").strip() or "development"
-
-
-def env_name(*parts: str) -> str:
-    """``env_name("development", "rpa_db", "type")`` -> ``DEVELOPMENT_RPA_DB_TYPE``."""
-    return "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_").upper() for p in parts)
 
 
 def check_dsn(name: str, dsn: str) -> None:
@@ -84,16 +87,89 @@ def _type_of(dsn: str) -> str:
     return "postgresql" if scheme in POSTGRES_TYPES else scheme
 
 
+# The extra of pyproject.toml that installs each SQLAlchemy dialect's default driver.
+DRIVER_EXTRAS = {"pyodbc": "mssql", "pymysql": "mysql", "oracledb": "oracle"}
+
+
+def missing_driver(name: str, db_type: str, exc: ImportError) -> str:
+    module = exc.name or str(exc)
+    extra = DRIVER_EXTRAS.get(module)
+    how = f"pip install 'flowfleet[{extra}]'" if extra else f"install the {module!r} package"
+    return f"database {name!r} ({db_type}) needs the driver {module!r}, not installed: {how}"
+
+
 def _configure(conn: psycopg.Connection) -> None:
     conn.execute(query("session_setup"))
 
 
 class _Registry:
-    """One pool per database name per process, shared by every DatabaseManager."""
+    """One pool (or engine) per database name per process, shared by every DatabaseManager.
+
+    Fork-aware: each entry remembers the process that made it. A forked child never uses
+    what it inherited; it builds its own pools, and keeps the inherited ones referenced
+    but untouched: closing one, or letting it be collected, would talk on sockets the
+    parent is still using. The lock guards the dictionaries only and is never held over
+    network I/O, so one unreachable database cannot stall callers of another.
+    """
 
     lock = threading.Lock()
-    pools: dict[str, ConnectionPool] = {}
-    engines: dict[str, Any] = {}
+    pools: dict[str, tuple[int, ConnectionPool]] = {}
+    engines: dict[str, tuple[int, Any]] = {}
+    # Serialises building the pool of one database; callers of others never wait on it.
+    building: dict[str, threading.Lock] = {}
+    # What this process inherited from its parent: kept alive, never used or closed.
+    inherited: list[Any] = []
+
+    @classmethod
+    def lookup(cls, table: dict[str, tuple[int, Any]], key: str) -> Any | None:
+        with cls.lock:
+            entry = table.get(key)
+            if entry is None:
+                return None
+            pid, item = entry
+            if pid == os.getpid():
+                return item
+            # Made in another process (a fork the at-fork hook did not see).
+            cls.inherited.append(item)
+            del table[key]
+            return None
+
+    @classmethod
+    def store(cls, table: dict[str, tuple[int, Any]], key: str, item: Any) -> None:
+        with cls.lock:
+            table[key] = (os.getpid(), item)
+
+    @classmethod
+    def pop(cls, table: dict[str, tuple[int, Any]], key: str) -> Any | None:
+        """Remove this process's entry for ``key`` and return it, for closing."""
+        with cls.lock:
+            entry = table.pop(key, None)
+            if entry is None:
+                return None
+            pid, item = entry
+            if pid != os.getpid():
+                cls.inherited.append(item)
+                return None
+            return item
+
+    @classmethod
+    def building_lock(cls, key: str) -> threading.Lock:
+        with cls.lock:
+            return cls.building.setdefault(key, threading.Lock())
+
+    @classmethod
+    def forget_inherited(cls) -> None:
+        """In a freshly forked child: set aside every pool and engine of the parent, and
+        replace the locks, which another thread of the parent may have held at the fork."""
+        cls.lock = threading.Lock()
+        cls.building = {}
+        cls.inherited.extend(item for _, item in cls.pools.values())
+        cls.inherited.extend(item for _, item in cls.engines.values())
+        cls.pools = {}
+        cls.engines = {}
+
+
+os.register_at_fork(after_in_child=_Registry.forget_inherited)
 
 
 class DatabaseManager:
@@ -153,9 +229,11 @@ class DatabaseManager:
     def pool(self) -> ConnectionPool:
         if not self.is_postgres:
             raise DatabaseConfigError(f"database {self.name!r} is {self.db_type}, not PostgreSQL")
-        key = f"{self.name}\0{self._dsn}"
-        with _Registry.lock:
-            pool = _Registry.pools.get(key)
+        pool: ConnectionPool | None = _Registry.lookup(_Registry.pools, self._key)
+        if pool is not None:
+            return pool
+        with _Registry.building_lock(self._key):
+            pool = _Registry.lookup(_Registry.pools, self._key)
             if pool is None:
                 # One direct attempt first: an unreachable database fails now, with the
                 # driver's reason, instead of after the pool's timeout of silent retries.
@@ -170,9 +248,13 @@ class DatabaseManager:
                     open=False,
                     timeout=30.0,
                 )
-                pool.open(wait=False)
-                _Registry.pools[key] = pool
+                pool.open(wait=False)  # connects in the pool's own threads
+                _Registry.store(_Registry.pools, self._key, pool)
         return pool
+
+    @property
+    def _key(self) -> str:
+        return f"{self.name}\0{self._dsn}"
 
     @contextmanager
     def connection(self, timeout: float = 10.0) -> Iterator[psycopg.Connection]:
@@ -201,6 +283,8 @@ class DatabaseManager:
         return conn
 
     def unavailable(self, cause: object) -> DatabaseUnavailableError:
+        if isinstance(cause, DatabaseUnavailableError):
+            return cause  # already says which database; saying it twice repeats the prefix
         reason = redact(str(cause).strip().splitlines()[0] if str(cause).strip() else "")
         return DatabaseUnavailableError(
             f"cannot reach database {self.name!r} at {self.location}: {reason or 'no answer'}"
@@ -242,12 +326,19 @@ class DatabaseManager:
     def _engine(self) -> Any:
         import sqlalchemy
 
-        key = f"{self.name}\0{self._dsn}"
-        with _Registry.lock:
-            engine = _Registry.engines.get(key)
+        engine = _Registry.lookup(_Registry.engines, self._key)
+        if engine is not None:
+            return engine
+        with _Registry.building_lock(self._key):
+            engine = _Registry.lookup(_Registry.engines, self._key)
             if engine is None:
-                engine = sqlalchemy.create_engine(self._dsn, pool_pre_ping=True)
-                _Registry.engines[key] = engine
+                try:
+                    engine = sqlalchemy.create_engine(self._dsn, pool_pre_ping=True)
+                except ImportError as exc:  # the dialect's driver: pyodbc, MySQLdb, ...
+                    raise DatabaseConfigError(
+                        missing_driver(self.name, self.db_type, exc)
+                    ) from None
+                _Registry.store(_Registry.engines, self._key, engine)
         return engine
 
     def _execute_sqlalchemy(
@@ -271,7 +362,7 @@ class DatabaseManager:
                     conn.execute(query("ping"))
             else:
                 self._execute_sqlalchemy(query("ping"), None)
-        except DatabaseUnavailableError as exc:
+        except (DatabaseUnavailableError, DatabaseConfigError) as exc:
             return {"status": "unhealthy", "type": self.db_type, "error": str(exc)}
         latency = (time.perf_counter() - started) * 1000
         return {"status": "healthy", "type": self.db_type, "latency_ms": round(latency, 2)}
@@ -295,10 +386,8 @@ class DatabaseManager:
         }
 
     def close(self) -> None:
-        key = f"{self.name}\0{self._dsn}"
-        with _Registry.lock:
-            pool = _Registry.pools.pop(key, None)
-            engine = _Registry.engines.pop(key, None)
+        pool = _Registry.pop(_Registry.pools, self._key)
+        engine = _Registry.pop(_Registry.engines, self._key)
         if pool is not None:
             pool.close()
         if engine is not None:

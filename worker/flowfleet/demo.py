@@ -3,11 +3,16 @@
 Uses ``FLOWFLEET_DSN`` when set, else a throwaway PostgreSQL. Each worker writes its
 result in the transaction that completes the record, so the summary can count executions
 exactly: processed, duplicates (0), records recovered from the killed worker, records/s.
+
+The database may be a real one holding real flows, so the demo touches only what it
+creates: a flow and a results table named ``flowfleet_demo_<random>`` for this run alone,
+counted on their own and removed at the end. Every other row stays as it was found.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -16,15 +21,19 @@ from contextlib import ExitStack
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flowfleet.database import DatabaseManager
 from flowfleet.distributed import DistributedProcessor
+from flowfleet.errors import FlowfleetError
 from flowfleet.migrate import migrate
 from flowfleet.throwaway import ThrowawayPostgres
+from flowfleet.workercmd import worker_command
 
-FLOW = "survey_processor"
+# The workers read the results table's name from here; set per run by ``run``.
+TABLE_ENV = "FLOWFLEET_DEMO_TABLE"
 RECORDS = int(os.environ.get("FLOWFLEET_DEMO_RECORDS", "20000"))
 WORKERS = 4
 LEASE_SECONDS = 4
@@ -35,33 +44,27 @@ def survey_result(payload: dict[str, Any], conn: psycopg.Connection) -> None:
     """The demo's processor: score a survey and store the score with the completion."""
     time.sleep(0.0005)  # stands in for the real work of an RPA step
     conn.execute(
-        "INSERT INTO survey_results (survey_id, score, processed_by) VALUES (%s, %s, %s)",
+        sql.SQL("INSERT INTO {} (survey_id, score, processed_by) VALUES (%s, %s, %s)").format(
+            sql.Identifier(os.environ[TABLE_ENV])
+        ),
         (payload["survey_id"], len(payload["answers"]), os.environ.get("POD_NAME")),
     )
 
 
-def start_worker(dsn: str, name: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "FLOWFLEET_DSN": dsn, "POD_NAME": name}
+def start_worker(dsn: str, flow: str, name: str) -> subprocess.Popen[bytes]:
+    # The flow name doubles as the results table's name: both are this run's alone.
+    env = {**os.environ, "FLOWFLEET_DSN": dsn, "POD_NAME": name, TABLE_ENV: flow}
     runner = os.environ.get("FLOWFLEET_DEMO_RUNNER", "plain")
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flowfleet.cli",
-            "worker",
-            FLOW,
-            "--entrypoint",
+        worker_command(
+            flow,
             "flowfleet.demo:survey_result",
-            "--runner",
-            runner,
-            "--lease-seconds",
-            str(LEASE_SECONDS),
-            "--http-port",
-            "0",
-            "--exit-when-empty",
-            "--log-format",
-            "json",
-        ],
+            runner=runner,
+            lease_seconds=LEASE_SECONDS,
+            http_port=0,
+            exit_when_empty=True,
+            log_format="json",
+        ),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -69,14 +72,31 @@ def start_worker(dsn: str, name: str) -> subprocess.Popen[bytes]:
 
 
 def run(dsn: str) -> int:
+    flow = f"flowfleet_demo_{secrets.token_hex(4)}"
     db = DatabaseManager("demo", connection_string=dsn)
+    workers: dict[str, subprocess.Popen[bytes]] = {}
     with db.connection() as conn:
         migrate(conn)
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS survey_results (survey_id text, score int,"
-            " processed_by text)"
-        )
-        conn.execute("TRUNCATE survey_results")
+    try:
+        with db.connection() as conn:
+            conn.execute(
+                sql.SQL("CREATE TABLE {} (survey_id text, score int, processed_by text)").format(
+                    sql.Identifier(flow)
+                )
+            )
+        return _run(dsn, db, flow, workers)
+    finally:
+        for process in workers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        _remove(db, flow)
+        db.close()
+
+
+def _run(
+    dsn: str, db: DatabaseManager, flow: str, workers: dict[str, subprocess.Popen[bytes]]
+) -> int:
     processor = DistributedProcessor(db)
     records = [
         {
@@ -88,15 +108,14 @@ def run(dsn: str) -> int:
     ]
     console.print(
         f"[bold]flowfleet demo[/]: {RECORDS:,} records, {WORKERS} workers "
-        f"(flow {FLOW!r}, database {db.location})"
+        f"(flow and results table {flow!r}, database {db.location})"
     )
     started = time.perf_counter()
-    processor.add_records_to_queue(FLOW, records)
+    processor.add_records_to_queue(flow, records)
     # Workers exit once the flow has nothing pending or running, so they start after.
-    workers = {
-        f"demo-worker-{i}": start_worker(dsn, f"demo-worker-{i}") for i in range(1, WORKERS + 1)
-    }
-    victim, held = "demo-worker-2", 0
+    for i in range(1, WORKERS + 1):
+        workers[f"demo-worker-{i}"] = start_worker(dsn, flow, f"demo-worker-{i}")
+    victim, held, killed = "demo-worker-2", 0, False
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -106,20 +125,21 @@ def run(dsn: str) -> int:
     ) as progress:
         bar = progress.add_task("processing", total=RECORDS)
         while any(p.poll() is None for p in workers.values()):
-            status = processor.get_queue_status(FLOW)
+            status = processor.get_queue_status(flow)
             progress.update(
                 bar,
                 completed=status["completed_records"],
                 description=f"processing ({status['processing_records']} in flight)",
             )
-            if not held and status["completed_records"] >= RECORDS // 3:
+            if not killed and status["completed_records"] >= RECORDS // 3:
                 workers[victim].send_signal(signal.SIGKILL)
                 workers[victim].wait()
+                killed = True
                 with db.connection() as conn:
                     row = conn.execute(
-                        "SELECT count(*) FROM processing_queue WHERE flow_instance_id = %s"
-                        " AND status = 'processing'",
-                        (victim,),
+                        "SELECT count(*) FROM processing_queue WHERE flow_name = %s"
+                        " AND flow_instance_id = %s AND status = 'processing'",
+                        (flow, victim),
                     ).fetchone()
                 held = int(row[0]) if row else 0
                 progress.console.print(
@@ -127,21 +147,27 @@ def run(dsn: str) -> int:
                     f"when its {LEASE_SECONDS}s lease runs out"
                 )
             time.sleep(0.2)
-        progress.update(bar, completed=processor.get_queue_status(FLOW)["completed_records"])
+        progress.update(bar, completed=processor.get_queue_status(flow)["completed_records"])
     elapsed = time.perf_counter() - started
-    return summarise(db, processor, victim, held, elapsed)
+    return summarise(db, processor, flow, victim, held, elapsed)
 
 
 def summarise(
-    db: DatabaseManager, processor: DistributedProcessor, victim: str, held: int, elapsed: float
+    db: DatabaseManager,
+    processor: DistributedProcessor,
+    flow: str,
+    victim: str,
+    held: int,
+    elapsed: float,
 ) -> int:
-    status = processor.get_queue_status(FLOW)
+    status = processor.get_queue_status(flow)
+    table = sql.Identifier(flow)
     with db.connection() as conn:
         row = conn.execute(
-            "SELECT count(*), count(*) - count(DISTINCT survey_id) FROM survey_results"
+            sql.SQL("SELECT count(*), count(*) - count(DISTINCT survey_id) FROM {}").format(table)
         ).fetchone()
         per_worker = conn.execute(
-            "SELECT processed_by, count(*) FROM survey_results GROUP BY 1 ORDER BY 1"
+            sql.SQL("SELECT processed_by, count(*) FROM {} GROUP BY 1 ORDER BY 1").format(table)
         ).fetchall()
     assert row is not None
     executions, duplicates = int(row[0]), int(row[1])
@@ -160,8 +186,21 @@ def summarise(
     )
     console.print("per worker  " + ", ".join(f"{name}: {count:,}" for name, count in per_worker))
     console.print("[bold green]OK[/]" if ok else "[bold red]MISMATCH[/]")
-    db.close()
     return 0 if ok else 1
+
+
+def _remove(db: DatabaseManager, flow: str) -> None:
+    """Take back exactly what this run created, so the demo can run again and again on a
+    real database without leaving anything behind."""
+    try:
+        with db.connection() as conn, conn.transaction():
+            conn.execute("DELETE FROM processing_queue WHERE flow_name = %s", (flow,))
+            conn.execute("DELETE FROM processing_history WHERE flow_name = %s", (flow,))
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(flow)))
+    except (psycopg.Error, FlowfleetError) as exc:
+        console.print(f"[red]could not remove the demo's flow and table {flow}[/]: {exc}")
+        return
+    console.print(f"removed     the demo's records and table ({flow})")
 
 
 def main() -> int:
@@ -170,7 +209,11 @@ def main() -> int:
         if not dsn:
             pg = stack.enter_context(ThrowawayPostgres())
             dsn = pg.dsn()
-        return run(dsn)
+        try:
+            return run(dsn)
+        except FlowfleetError as exc:
+            console.print(f"flowfleet demo: {exc}", markup=False)
+            return 1
     return 1
 
 

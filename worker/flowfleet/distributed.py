@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
-from flowfleet import queue
+from flowfleet import defaults, queue
 from flowfleet.config import ConfigManager
 from flowfleet.database import DatabaseManager
 from flowfleet.errors import DatabaseUnavailableError
@@ -37,20 +39,26 @@ class DistributedProcessor:
         self.instance_id = instance_id or default_instance_id()
         # Read now, not at import: PREFECT_ENVIRONMENT may be set after flowfleet loads.
         settings = ConfigManager("distributed_processor")
-        self.cleanup_timeout_hours = float(settings.get_variable("cleanup_timeout_hours", 2.0))
+        self.cleanup_timeout_hours = float(
+            settings.get_variable("cleanup_timeout_hours", float(defaults.CLEANUP_TIMEOUT_HOURS))
+        )
         self.policy = queue.RetryPolicy(
             max_retries=max_retries
             if max_retries is not None
-            else settings.get_variable("max_retries", 3),
-            backoff_base=settings.get_variable("retry_backoff_seconds", 1.0),
-            backoff_cap=settings.get_variable("retry_backoff_max_seconds", 300.0),
+            else settings.get_variable("max_retries", defaults.MAX_RETRIES),
+            backoff_base=settings.get_variable(
+                "retry_backoff_seconds", defaults.RETRY_BACKOFF_SECONDS
+            ),
+            backoff_cap=settings.get_variable(
+                "retry_backoff_max_seconds", defaults.RETRY_BACKOFF_MAX_SECONDS
+            ),
         )
         # Callers of this API do not renew leases, so by default a claim lasts as long as
         # the seed's orphan timeout; the worker, which does renew, uses a short one.
         self.lease_seconds = lease_seconds or settings.get_variable(
             "lease_seconds", self.cleanup_timeout_hours * 3600
         )
-        self.max_abandons = int(settings.get_variable("max_abandons", queue.DEFAULT_MAX_ABANDONS))
+        self.max_abandons = int(settings.get_variable("max_abandons", defaults.MAX_ABANDONS))
         self._tokens: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -82,14 +90,32 @@ class DistributedProcessor:
 
     # -- flows ------------------------------------------------------------------------
 
-    def claim_records_batch(self, flow_name: str, batch_size: int = 50) -> list[dict[str, Any]]:
+    def claim_records_batch(
+        self, flow_name: str, batch_size: int = defaults.BATCH_SIZE
+    ) -> list[dict[str, Any]]:
         """Claim up to ``batch_size`` pending records for this process's instance id."""
         queue.check_flow_name(flow_name)
         with self.queue_db.connection() as conn:
             claimed = queue.claim(conn, flow_name, self.instance_id, batch_size, self.lease_seconds)
         with self._lock:
             self._tokens.update((r.id, r.claim_token) for r in claimed)
+        if claimed:
+            _CLAIMERS.add(self)
         return [r.as_dict(flow_name) for r in claimed]
+
+    def release_claimed(self) -> int:
+        """Hand back every record this object claimed and has not completed or failed
+        (no retry spent); returns how many were still ours. Runs by itself when the
+        process exits normally."""
+        with self._lock:
+            held = list(self._tokens.items())
+            self._tokens.clear()
+        if not held:
+            return 0
+        # A connection of its own, not the pool's: at exit the pool may be closed, and a
+        # pool waits out its timeout for a server that is gone where a connect fails fast.
+        with self.queue_db.connect() as conn:
+            return len(queue.release_tokens(conn, held))
 
     def _token(self, record_id: int, claim_token: int | None) -> int | None:
         with self._lock:
@@ -185,19 +211,39 @@ class DistributedProcessor:
         return report
 
 
+# Claims made through this API are not renewed and last cleanup_timeout_hours. A process
+# that ends holding some (the troubleshooting snippet's claim_records_batch, a script that
+# stopped early) gives them back on its way out instead of leaving them locked that long.
+_CLAIMERS: weakref.WeakSet[DistributedProcessor] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    for processor in list(_CLAIMERS):
+        try:
+            processor.release_claimed()
+        except Exception:  # noqa: S110 - exiting anyway; the lease still brings them back
+            pass
+
+
 def queue_status(flows: dict[str, dict[str, int]], flow_name: str | None = None) -> dict[str, Any]:
-    """Shape per-flow counts as ``get_queue_status`` answers."""
+    """Shape per-flow counts as ``get_queue_status`` answers. Rows whose status is none of
+    the four (a table adopted from the seed may hold them) count towards
+    ``total_records`` and, where there are any, appear as ``other_records``."""
     keys = ("pending_records", "processing_records", "completed_records", "failed_records")
+
+    def shaped(counts: dict[str, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {k: counts.get(k, 0) for k in keys}
+        other = counts.get("other_records", 0)
+        if other:
+            out["other_records"] = other
+        out["total_records"] = sum(out[k] for k in keys) + other
+        return out
+
     if flow_name is not None:
-        counts = flows.get(flow_name, {})
-        status: dict[str, Any] = {"flow_name": flow_name}
-        status.update({k: counts.get(k, 0) for k in keys})
-        status["total_records"] = sum(status[k] for k in keys)
-        return status
-    totals: dict[str, Any] = {k: sum(f.get(k, 0) for f in flows.values()) for k in keys}
-    totals["total_records"] = sum(totals[k] for k in keys)
-    totals["by_flow"] = {
-        name: {**{k: c.get(k, 0) for k in keys}, "total_records": sum(c.get(k, 0) for k in keys)}
-        for name, c in sorted(flows.items())
+        return {"flow_name": flow_name, **shaped(flows.get(flow_name, {}))}
+    summed = {k: sum(f.get(k, 0) for f in flows.values()) for k in (*keys, "other_records")}
+    return {
+        **shaped(summed),
+        "by_flow": {name: shaped(c) for name, c in sorted(flows.items())},
     }
-    return totals

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flowfleet.errors import FlowfleetError
-
-
-class EntrypointError(FlowfleetError):
-    pass
+from flowfleet.errors import EntrypointError
+from flowfleet.redaction import redact
 
 
 @dataclass(frozen=True)
@@ -48,20 +46,41 @@ def describe(func: Callable[..., Any]) -> Processor:
     return Processor(name=name, call=func, fn=fn, kind=kind, takes_conn=takes_conn)
 
 
+def importable_cwd() -> None:
+    """Let ``--entrypoint mymodule:process`` find ``./mymodule.py``, as ``python -m`` and
+    uvicorn do. The directory goes last, so a file there never shadows an installed module
+    (a stray ``queue.py`` must not replace the standard library's)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
 def load(spec: str) -> Processor:
     """``"package.module:function"`` -> Processor, or one line naming what is wrong."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise EntrypointError(f"entrypoint {spec!r} must look like module:function")
+    importable_cwd()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise EntrypointError(
             f"entrypoint {spec!r}: module {exc.name or module_name!r} not found"
+            f" (searched the current directory {os.getcwd()} and the installed packages)"
+        ) from None
+    except SystemExit as exc:  # a module that runs a script when imported
+        raise EntrypointError(
+            f"entrypoint {spec!r}: importing {module_name!r} called sys.exit({exc.code!r}); "
+            "keep a module's top level free of script code (use if __name__ == '__main__')"
         ) from None
     except Exception as exc:  # the user's module failed while importing: say how
+        # Its message may quote a connection string it was given.
+        first = str(exc).strip().splitlines()
         raise EntrypointError(
-            f"entrypoint {spec!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+            redact(
+                f"entrypoint {spec!r}: importing {module_name!r} raised "
+                f"{type(exc).__name__}: {first[0] if first else ''}"
+            )
         ) from None
     target: Any = module
     for part in attribute.split("."):

@@ -21,3 +21,11 @@ class SchemaError(FlowfleetError):
 
 class InvalidRecordError(FlowfleetError, ValueError):
     """A record that can never be processed: rejected before anything is enqueued."""
+
+
+class ConfigError(FlowfleetError, ValueError):
+    """A setting whose value cannot be read as the type its default has."""
+
+
+class EntrypointError(FlowfleetError):
+    """A record processor that cannot be loaded from its ``module:function``."""

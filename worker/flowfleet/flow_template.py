@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import psycopg
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flowfleet import queue
-from flowfleet.batch import BatchOutcome, finish, run_batch
+from flowfleet import defaults, queue
+from flowfleet.batch import BatchOutcome, finish
+from flowfleet.batchjob import BatchJob, Processing
 from flowfleet.config import ConfigManager
 from flowfleet.database import DatabaseManager
 from flowfleet.entrypoint import EntrypointError, Processor, describe, load
@@ -58,29 +60,19 @@ def _invoke_under_prefect(processor: Processor) -> Callable[..., Any]:
 
 
 @task(name="process-records", cache_policy=NO_CACHE, persist_result=False)
-def process_records(record_ids: list[int], context: dict[str, Any]) -> dict[str, int]:
-    """One task run per batch: per-record outcomes go to the queue and the run's log."""
-    outcome: BatchOutcome = run_batch(
-        context["conn"],
-        context["records"],
-        context["processor"],
-        context["policy"],
-        call=_invoke_under_prefect(context["processor"]),
-        should_continue=context.get("should_continue", lambda: True),
-        instance_id=context.get("instance_id"),
-        outcome=context.get("outcome"),
-    )
-    context["outcome"] = outcome
-    counts = outcome.counts()
+def process_records(record_ids: list[int], job: BatchJob) -> BatchOutcome:
+    """One task run per batch: per-record outcomes go to the queue and the run's log.
+    ``record_ids`` only labels the run; the records come in ``job``."""
+    outcome = job.run(call=_invoke_under_prefect(job.processing.processor))
     logger = get_run_logger()
-    logger.info("batch of %d: %s", len(record_ids), counts)
-    return counts
+    logger.info("batch of %d: %s", len(record_ids), outcome.counts())
+    return outcome
 
 
 @flow(name="distributed-processing", persist_result=False, validate_parameters=False)
 def distributed_processing_flow(
     flow_name: str,
-    batch_size: int = 50,
+    batch_size: int = defaults.BATCH_SIZE,
     processor: Callable[..., Any] | None = None,
     db: DatabaseManager | str = "rpa_db",
 ) -> dict[str, Any]:
@@ -98,7 +90,7 @@ def distributed_processing_flow(
 
 
 def _process(
-    conn: Any,
+    conn: psycopg.Connection,
     records: Sequence[queue.Claimed],
     processor: Processor,
     policy: queue.RetryPolicy,
@@ -106,15 +98,10 @@ def _process(
 ) -> dict[str, int]:
     if not records:
         return BatchOutcome().counts()
-    context: dict[str, Any] = {
-        "conn": conn,
-        "records": records,
-        "processor": processor,
-        "policy": policy,
-        "instance_id": instance_id,
-    }
-    counts = process_records([r.id for r in records], context)
-    fenced = len(context["outcome"].completed) - len(finish(conn, context["outcome"]))
+    job = Processing(processor, policy, instance_id).job(conn, records)
+    outcome = process_records([r.id for r in records], job)
+    counts = outcome.counts()
+    fenced = len(outcome.completed) - len(finish(conn, outcome))
     counts["completed"] -= fenced
     counts["fenced"] += fenced
     return counts

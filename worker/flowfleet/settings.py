@@ -30,7 +30,13 @@ ENV_KEYS = {
     "max_abandons": "max_abandons",
     "retry_backoff_seconds": "retry_backoff_seconds",
     "retry_backoff_max_seconds": "retry_backoff_max_seconds",
+    "max_batch_bytes": "worker_max_batch_bytes",
 }
+
+
+# Upper bounds refuse absurd values (1e300 s) with the setting's name, before a timer
+# or an interval in SQL chokes on them later.
+DAY = 24 * 3600
 
 
 class WorkerSettings(BaseModel):
@@ -41,20 +47,32 @@ class WorkerSettings(BaseModel):
     runner: Literal["prefect", "plain"] = defaults.RUNNER
     batch_size: int = Field(defaults.BATCH_SIZE, ge=1, le=10_000)
     concurrency: int = Field(defaults.CONCURRENCY, ge=1, le=256)
-    lease_seconds: float = Field(float(defaults.LEASE_SECONDS), gt=0)
+    lease_seconds: float = Field(float(defaults.LEASE_SECONDS), gt=0, le=DAY, allow_inf_nan=False)
     # Kubernetes kills a pod 30 s after SIGTERM by default; finish before that.
-    grace_seconds: float = Field(float(defaults.GRACE_SECONDS), ge=0)
-    poll_seconds: float = Field(float(defaults.POLL_SECONDS), gt=0)
+    grace_seconds: float = Field(float(defaults.GRACE_SECONDS), ge=0, le=DAY, allow_inf_nan=False)
+    poll_seconds: float = Field(float(defaults.POLL_SECONDS), gt=0, le=DAY, allow_inf_nan=False)
     http_port: int = Field(defaults.HTTP_PORT, ge=0, le=65535)
-    flow_run_seconds: float = Field(float(defaults.FLOW_RUN_SECONDS), gt=0)
+    flow_run_seconds: float = Field(
+        float(defaults.FLOW_RUN_SECONDS), gt=0, le=DAY, allow_inf_nan=False
+    )
     # 0: no limit. Past it a record counts as hung: its lease is no longer renewed and
     # /healthz fails, so the pod is restarted and the record treated as abandoned.
-    record_timeout_seconds: float = Field(float(defaults.RECORD_TIMEOUT_SECONDS), ge=0)
-    max_retries: int = Field(defaults.MAX_RETRIES, ge=0)
-    max_abandons: int = Field(defaults.MAX_ABANDONS, ge=1)
-    retry_backoff_seconds: float = Field(defaults.RETRY_BACKOFF_SECONDS, ge=0)
-    retry_backoff_max_seconds: float = Field(defaults.RETRY_BACKOFF_MAX_SECONDS, ge=0)
+    record_timeout_seconds: float = Field(
+        float(defaults.RECORD_TIMEOUT_SECONDS), ge=0, le=7 * DAY, allow_inf_nan=False
+    )
+    max_retries: int = Field(defaults.MAX_RETRIES, ge=0, le=1_000_000)
+    max_abandons: int = Field(defaults.MAX_ABANDONS, ge=1, le=1_000_000)
+    retry_backoff_seconds: float = Field(
+        defaults.RETRY_BACKOFF_SECONDS, ge=0, le=7 * DAY, allow_inf_nan=False
+    )
+    retry_backoff_max_seconds: float = Field(
+        defaults.RETRY_BACKOFF_MAX_SECONDS, ge=0, le=7 * DAY, allow_inf_nan=False
+    )
     exit_when_empty: bool = False
+    # A worker holds a claimed batch in memory: about batch_size times the payload size
+    # (several times the JSON text, once parsed). This bounds a batch by the payloads'
+    # JSON bytes instead; None: batch_size alone bounds it.
+    max_batch_bytes: int | None = Field(None, ge=1)
 
     @property
     def heartbeat_seconds(self) -> float:
