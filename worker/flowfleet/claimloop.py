@@ -188,7 +188,7 @@ class ClaimLoop:
     def _hold_in_flight(self, batch: list[queue.Claimed]) -> None:
         """Hold a fresh claim in flight: from now on the lease keeper renews it."""
         if batch:
-            self.metrics.claimed.inc(len(batch))
+            self.metrics.count_claims(batch)
             self.in_flight.hold(batch)
             self.metrics.in_flight.inc(len(batch))
 

@@ -283,6 +283,8 @@ class DatabaseManager:
         return conn
 
     def unavailable(self, cause: object) -> DatabaseUnavailableError:
+        if isinstance(cause, DatabaseUnavailableError):
+            return cause  # already says which database: not "cannot reach … cannot reach …"
         reason = redact(str(cause).strip().splitlines()[0] if str(cause).strip() else "")
         return DatabaseUnavailableError(
             f"cannot reach database {self.name!r} at {self.location}: {reason or 'no answer'}"

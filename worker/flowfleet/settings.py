@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from flowfleet import defaults
 from flowfleet.config import ConfigManager
@@ -30,6 +30,7 @@ ENV_KEYS = {
     "max_abandons": "max_abandons",
     "retry_backoff_seconds": "retry_backoff_seconds",
     "retry_backoff_max_seconds": "retry_backoff_max_seconds",
+    "log_level": "worker_log_level",
 }
 
 
@@ -67,7 +68,13 @@ class WorkerSettings(BaseModel):
     retry_backoff_max_seconds: float = Field(
         defaults.RETRY_BACKOFF_MAX_SECONDS, ge=0, le=7 * DAY, allow_inf_nan=False
     )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     exit_when_empty: bool = False
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def heartbeat_seconds(self) -> float:

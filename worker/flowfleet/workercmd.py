@@ -25,6 +25,7 @@ OPTIONS = frozenset(
         "record_timeout_seconds",
         "exit_when_empty",
         "log_format",
+        "log_level",
         "dsn",
         "db",
     }
