@@ -157,8 +157,9 @@ def test_without_prefect_api_url_a_temporary_server_said_and_logged_as_json(
         "Prefect API: none configured; starting a temporary local server for this worker "
         "alone at http://127.0.0.1:"
     )
-    assert "its runs are visible nowhere else and are deleted when the worker stops" in (
-        said[0]["msg"]
+    assert (
+        "its runs are visible nowhere else and are deleted when the worker stops"
+        in (said[0]["msg"])
     )
     assert "set PREFECT_API_URL to a Prefect server's API" in said[0]["msg"]
     assert said[0]["prefect_api_url"] is None
