@@ -5,6 +5,7 @@ standard process and Python series, no `_created` series, and claims counted onc
 from __future__ import annotations
 
 import signal
+import time
 
 import psycopg
 import pytest
@@ -154,3 +155,52 @@ def test_an_unreachable_database_is_named_once_per_line() -> None:
     assert said.count("cannot reach database") == 1, said
     assert said == str(raised.value)
     assert "pw" not in said
+
+
+def depth_exported(worker: WorkerProcess, flow: str) -> float | None:
+    body = worker.get("/metrics").body
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            if s.name == "flowfleet_queue_depth" and s.labels == {
+                "flow": flow,
+                "status": "pending",
+            }:
+                return s.value
+    return None
+
+
+def test_queue_depth_exported_by_one_worker_at_a_time(
+    fleet: Fleet, dsn: str, conn: psycopg.Connection
+) -> None:
+    """Summed over pods, the depth is the depth: one worker of the flow exports it, and
+    another takes over when that one stops."""
+    flow = "depth_flow"
+    workers = [
+        fleet.start(flow, "processors.effects:sleepy", dsn, http=True, args=["--batch-size", "1"])
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.wait_logged("worker started")
+    # Records that will not be claimed for an hour: the depth stays put.
+    conn.execute(
+        "INSERT INTO processing_queue (flow_name, payload, available_at)"
+        " SELECT %s, jsonb_build_object('k', k), LOCALTIMESTAMP + interval '1 hour'"
+        " FROM generate_series(1, 7) AS k",
+        (flow,),
+    )
+
+    def exporters() -> list[WorkerProcess]:
+        found = [w for w in workers if w.alive() and depth_exported(w, flow) is not None]
+        return found if found and all(depth_exported(w, flow) == 7 for w in found) else []
+
+    first = wait_until(exporters, 20, 0.2, "a worker to export the depth")
+    assert len(first) == 1
+    # Stays one: the keepers sweep every lease (2 s here); a later sweep adds no exporter.
+    time.sleep(2.5)
+    assert exporters() == first
+    first[0].send(signal.SIGTERM)
+    assert first[0].wait_exit(15) == 0, first[0].stderr()
+    (other,) = [w for w in workers if w is not first[0]]
+    wait_until(lambda: exporters() == [other], 20, 0.2, "the other worker to take over")
+    other.send(signal.SIGTERM)
+    assert other.wait_exit(15) == 0, other.stderr()
