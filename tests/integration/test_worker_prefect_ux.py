@@ -21,8 +21,10 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, TaskRun
+from prometheus_client.parser import text_string_to_metric_families
 from worker_helpers import (
     Fleet,
+    WorkerProcess,
     fleet_fixture,  # noqa: F401 - the fixture `fleet`
     queue_counts,
     wait_until,
@@ -103,12 +105,27 @@ def test_flow_runs_named_and_tagged_by_pod_and_all_failed_batches_fail(
     assert all(r.state is not None and r.state.is_completed() for r in runs)
 
 
+def metric(worker: WorkerProcess, name: str) -> float | None:
+    body = worker.get("/metrics").body
+    found = [
+        s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name == name
+    ]
+    return found[0] if found else None
+
+
 def test_readyz_says_when_the_prefect_api_is_unreachable(
-    fleet: Fleet, dsn: str, tmp_path: Path
+    fleet: Fleet, dsn: str, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
+    """And the batch each failed attempt hands back is counted as released, its next
+    claim as a re-claim, not as more records claimed."""
+    flow = "prefect_unreachable_flow"
     url = f"http://127.0.0.1:{free_port()}/api"
+    queue.enqueue(conn, flow, [{"k": k} for k in range(4)])
     worker = fleet.start(
-        "prefect_unreachable_flow",
+        flow,
         "processors.effects:sleepy",
         dsn,
         runner="prefect",
@@ -127,6 +144,14 @@ def test_readyz_says_when_the_prefect_api_is_unreachable(
     assert ready.body.count("\n") == 1
     # Alive all the same: a restart would not bring the Prefect API back.
     assert worker.get("/healthz").status == 200
+
+    def handed_back_twice() -> bool:
+        return (metric(worker, "flowfleet_records_released_total") or 0) >= 8
+
+    wait_until(handed_back_twice, 30, 0.2, "two failed attempts to hand their batch back")
+    assert metric(worker, "flowfleet_records_claimed_total") == 4
+    reclaimed = metric(worker, "flowfleet_records_reclaimed_total")
+    assert reclaimed is not None and reclaimed >= 4
     worker.send(signal.SIGTERM)
     assert worker.wait_exit(30) == 0, worker.stderr()
 

@@ -201,7 +201,7 @@ class ClaimLoop:
         m.retried.inc(outcome.retried)
         m.failed.inc(outcome.failed)
         m.fenced.inc(outcome.fenced)
-        m.released.inc(len(outcome.unprocessed))
+        m.count_released([r.id for r in outcome.unprocessed])
 
     def _hand_back_batch(self) -> None:
         """Stop renewing the batch in hand and try to hand it back at once; if the
@@ -212,7 +212,7 @@ class ClaimLoop:
         if records:
             try:
                 with self.db.connection(timeout=2.0) as conn:
-                    queue.release(conn, records)
+                    self.metrics.count_released(queue.release(conn, records))
             except DatabaseUnavailableError:
                 pass
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,7 +26,15 @@ disable_created_metrics()
 
 class ClaimedRecord(Protocol):
     @property
+    def id(self) -> int: ...
+
+    @property
     def retry_count(self) -> int: ...
+
+
+# Ids of records this process handed back, remembered so that claiming one again counts
+# as a re-claim; bounded, the oldest forgotten first.
+HANDED_BACK_REMEMBERED = 100_000
 
 
 def add_process_collectors(registry: CollectorRegistry) -> None:
@@ -38,6 +48,8 @@ class WorkerMetrics:
     def __init__(self, flow_name: str) -> None:
         self.registry = CollectorRegistry()
         add_process_collectors(self.registry)
+        self._lock = threading.Lock()
+        self._handed_back: OrderedDict[int, bool] = OrderedDict()
         labels = ["flow"]
         self.claimed = Counter(
             "flowfleet_records_claimed",
@@ -101,8 +113,24 @@ class WorkerMetrics:
         )
 
     def count_claims(self, batch: Sequence[ClaimedRecord]) -> None:
-        """Count a fresh claim: first attempts as claimed, retries as reclaimed, so that
-        claimed is not inflated by the same record coming back."""
-        retries = sum(1 for record in batch if record.retry_count > 0)
-        self.claimed.inc(len(batch) - retries)
-        self.reclaimed.inc(retries)
+        """Count a fresh claim: first attempts as claimed; retries, and records this
+        process handed back and took again, as reclaimed. So claimed is not inflated by
+        the same record coming back (a claim loop that keeps failing on one batch)."""
+        with self._lock:
+            again = 0
+            for record in batch:
+                if record.retry_count > 0:
+                    again += 1
+                elif self._handed_back.pop(record.id, None) is not None:
+                    again += 1
+        self.claimed.inc(len(batch) - again)
+        self.reclaimed.inc(again)
+
+    def count_released(self, ids: Sequence[int]) -> None:
+        """Count records handed back unprocessed, and remember them for count_claims."""
+        self.released.inc(len(ids))
+        with self._lock:
+            for record_id in ids:
+                self._handed_back[record_id] = True
+            while len(self._handed_back) > HANDED_BACK_REMEMBERED:
+                self._handed_back.popitem(last=False)
