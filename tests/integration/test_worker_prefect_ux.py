@@ -31,6 +31,7 @@ from worker_helpers import (
 )
 
 from flowfleet import queue
+from flowfleet.prefect_api import answers
 from flowfleet.throwaway import ThrowawayPrefect, free_port
 
 pytestmark = pytest.mark.slow
@@ -191,3 +192,24 @@ def test_without_prefect_api_url_a_temporary_server_said_and_logged_as_json(
     # The runs went to the temporary server, whose database is gone with it.
     assert not list(tmp_path.glob("flowfleet-prefect-*"))
     assert not (tmp_path / "home" / "prefect.db").exists()
+
+
+def test_a_killed_worker_leaves_no_temporary_server_behind(
+    fleet: Fleet, dsn: str, tmp_path: Path
+) -> None:
+    worker = fleet.start(
+        "prefect_killed_flow",
+        "processors.effects:sleepy",
+        dsn,
+        runner="prefect",
+        env={"PREFECT_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path)},
+    )
+    worker.wait_logged("worker started", timeout=120)
+    said = next(e for e in worker.logs() if e["msg"].startswith("Prefect API: "))
+    url = said["msg"].split(" at ", 1)[1].split("/api", 1)[0] + "/api"
+    assert answers(url) == (True, "ok")
+    worker.kill()
+    wait_until(lambda: not answers(url, timeout=1.0)[0], 15, 0.5, "the server to go")
+    wait_until(
+        lambda: not list(tmp_path.glob("flowfleet-prefect-*")), 10, 0.5, "its database to go"
+    )

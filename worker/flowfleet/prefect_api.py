@@ -66,9 +66,8 @@ class TemporaryServer:
         self.home = Path(tempfile.mkdtemp(prefix="flowfleet-prefect-"))
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> str:
-        import prefect
-
+    def start(self, stopping: threading.Event, timeout: float = 120.0) -> str | None:
+        """The server's API URL once it answers; None when a stop is requested first."""
         env = dict(os.environ)
         env.update(
             PREFECT_UI_ENABLED="0",
@@ -84,19 +83,10 @@ class TemporaryServer:
             [
                 sys.executable,
                 "-m",
-                "uvicorn",
-                "--app-dir",
-                str(Path(prefect.__file__).parent.parent),
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
+                "flowfleet.prefect_api",
                 str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
+                str(os.getpid()),
+                str(self.home),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -108,6 +98,9 @@ class TemporaryServer:
         relay_output(self.process.stdout)
         deadline = time.monotonic() + timeout
         while not answers(self.url, timeout=2.0)[0]:
+            if stopping.is_set():
+                self.stop()
+                return None
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise FlowfleetError(
@@ -205,7 +198,9 @@ class PrefectApi:
                 HOW_TO_POINT,
                 extra={"prefect_api_url": None},
             )
-            url = self.server.start()
+            url = self.server.start(stopping)
+            if url is None:
+                return
             use_api_url(url)
         self.url = url
         self._last = answers(url)
@@ -231,3 +226,30 @@ class PrefectApi:
             for service in (APILogWorker, EventsWorker):
                 service.drain_all(timeout=10, at_exit=False)
             self.server.stop()
+
+
+def _serve(port: int, parent_pid: int, home: Path) -> None:
+    """The temporary server's process: Prefect's API app under uvicorn, as Prefect runs
+    its own temporary server, ending when the worker that started it is gone (even a
+    worker killed with SIGKILL leaves no server, and no database, behind)."""
+    import uvicorn
+
+    def watch_parent() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        shutil.rmtree(home, ignore_errors=True)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    uvicorn.run(
+        "prefect.server.api.server:create_app",
+        factory=True,
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        lifespan="on",
+    )
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
