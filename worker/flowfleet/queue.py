@@ -552,6 +552,13 @@ def release_instance_everywhere(conn: psycopg.Connection, instance_id: str) -> l
     return [row[0] for row in cur.fetchall()]
 
 
+def take_depth_reporting(conn: psycopg.Connection, flow_name: str) -> bool:
+    """Whether this session now reports the flow's queue depth (ask once per session:
+    the lock is re-entrant, so a second yes would only stack it)."""
+    row = conn.execute(query("take_depth_reporting"), {"flow_name": flow_name}).fetchone()
+    return bool(row and row[0])
+
+
 @dataclass(frozen=True)
 class FlowDepth:
     """One flow's live queue, as the operator scales on it."""

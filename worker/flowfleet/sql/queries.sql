@@ -404,6 +404,12 @@ UPDATE processing_queue
  WHERE status = 'processing' AND flow_instance_id = %(instance_id)s
 RETURNING id;
 
+-- name: take_depth_reporting
+-- One worker per flow and database exports flowfleet_queue_depth, so that summing it over
+-- pods does not multiply it: the one whose session holds this lock. It goes with the
+-- session (a worker that stops or loses its connection), and the next to ask takes it.
+SELECT pg_try_advisory_lock(hashtext('flowfleet_queue_depth'), hashtext(%(flow_name)s));
+
 -- name: depth_of_flows
 -- The operator's tick: every flow it scales on one database, in one statement. The live
 -- queue holds only unfinished work; recent completions come from history through its
