@@ -103,6 +103,12 @@ class Loop:
             "spec": spec,
         }
         self.objs.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+        # Records can only be enqueued once the operator has migrated the database.
+        wait_until(
+            lambda: self.flow_status(name).get("schemaVersion"),
+            timeout=30,
+            what=f"{name} migrated by the operator",
+        )
 
     def flow_status(self, name: str = "survey") -> dict[str, Any]:
         found = self.objs.get_namespaced_custom_object(
@@ -154,6 +160,19 @@ class Loop:
             if exc.status == 404:
                 return None
             raise
+
+    def describe(self, name: str = "survey") -> str:
+        """What a person would look at when a scenario hangs: events, pods, the queue."""
+        events = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        ).items
+        lines = [f"{e.reason}: {e.message}" for e in events]
+        for p in self.pods(name, live=False):
+            terminating = " (terminating)" if p.metadata.deletion_timestamp else ""
+            cost = (p.metadata.annotations or {}).get("controller.kubernetes.io/pod-deletion-cost")
+            lines.append(f"pod {p.metadata.name} {p.status.phase}{terminating} cost={cost}")
+        lines.append(f"queue {self.counts()}; replicas {self.deployment_replicas(name)}")
+        return "\n".join(lines)
 
     # ---------------------------------------------------------------- queue ----
 

@@ -97,12 +97,15 @@ def test_scale_in_removes_the_idle_pods_and_spares_the_busy_ones(loop: Loop) -> 
     busy_pods = set(busy.values())
     assert len(busy_pods) == 2
     # The shorts drain; the fleet comes down to the 2 replicas the long records need.
-    survivors = wait_until(
-        lambda: len(p := loop.pods()) == 2 and {x.metadata.name for x in p},
-        timeout=60,
-        interval=0.2,
-        what="scale-in to 2 pods",
-    )
+    try:
+        survivors = wait_until(
+            lambda: len(p := loop.pods()) == 2 and {x.metadata.name for x in p},
+            timeout=40,
+            interval=0.2,
+            what="scale-in to 2 pods",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{loop.describe()}") from None
     assert holders() == busy, "a long record moved while it ran"
     assert survivors == busy_pods, f"kept {survivors}, the busy pods were {busy_pods}"
     for pod in loop.pods():
