@@ -18,12 +18,20 @@ import psycopg
 import pytest
 
 from flowfleet import queue
+from flowfleet.throwaway import ThrowawayPrefect
 
 from .conftest import REPO, ControlPlane, wait_until
 from .localnode_fixtures import LocalNode
-from .operator_fixtures import GROUP, PLURAL, VERSION, OperatorProcess, PasswordPostgres, make_secret
+from .operator_fixtures import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    OperatorProcess,
+    PasswordPostgres,
+    make_secret,
+)
 
-__all__ = ["loop"]
+__all__ = ["loop", "loop_prefect"]
 
 FLOW = "survey_processor"
 SELECTOR_KEY = "app.kubernetes.io/instance"
@@ -111,9 +119,7 @@ class Loop:
         )
 
     def flow_status(self, name: str = "survey") -> dict[str, Any]:
-        found = self.objs.get_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name
-        )
+        found = self.objs.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
         return dict(found.get("status") or {})
 
     def enqueue(self, payloads: list[dict[str, Any]]) -> None:
@@ -236,3 +242,15 @@ def loop(
         conn.execute(LOOP_EFFECTS_DDL)
     make_secret(api, namespace, "queue-db", {"connection-string": lp.dsn})
     yield lp
+
+
+@pytest.fixture(scope="module")
+def loop_prefect() -> Iterator[ThrowawayPrefect]:
+    """A real Prefect server; the test process reads it through the Prefect client."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with ThrowawayPrefect() as server:
+        updates = {PREFECT_API_URL: server.url, PREFECT_HOME: server.client_home}
+        with temporary_settings(updates=updates):
+            yield server
+            server.drain_client()

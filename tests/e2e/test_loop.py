@@ -14,9 +14,11 @@ import time
 
 import pytest
 
+from flowfleet.throwaway import ThrowawayPrefect
+
 from .conftest import wait_until
 from .localnode_fixtures import restart_postgres
-from .loop_fixtures import Loop
+from .loop_fixtures import FLOW, Loop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -195,3 +197,34 @@ def test_delete_dflow_mid_drain_keeps_the_queue(loop: Loop) -> None:
     assert len(executions) == counts["completed"]
     assert set(executions.values()) == {1}
 
+
+@pytest.mark.timeout(180)
+def test_prefect_runner_reports_flow_runs_named_and_tagged(
+    loop: Loop, loop_prefect: ThrowawayPrefect
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.objects import FlowRun
+
+    loop.apply_flow(
+        runner="prefect", maxReplicas=1, recordsPerReplica=100, prefect={"apiUrl": loop_prefect.url}
+    )
+    keys = keys_of(12)
+    loop.enqueue(payloads(keys, 0.05))
+    (pod,) = loop.wait_running(1, timeout=90)
+    loop.wait_drained(len(keys), timeout=120)
+    loop.assert_exactly_once(keys)
+
+    def runs() -> list[FlowRun]:
+        with get_client(sync_client=True) as client:
+            found = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW])), limit=50
+            )
+        return [r for r in found if r.state is not None and r.state.is_final()]
+
+    found = wait_until(runs, timeout=30, interval=0.5, what="finished Prefect flow runs")
+    name = pod.metadata.name
+    for run in found:
+        assert run.name == f"{FLOW}@{name}"
+        assert f"pod:{name}" in run.tags and f"flow:{FLOW}" in run.tags
+    loop.wait_no_pods(timeout=40)
