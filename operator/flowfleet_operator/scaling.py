@@ -113,9 +113,11 @@ def decide(
         limit = ("MaxReplicas", f"wanted {want}, maxReplicas is {policy.max_replicas}")
     window_start = now - policy.scale_down_delay_seconds
     # A fresh history (operator start) remembers the current count as just wanted: a
-    # restart never scales in before the delay has passed.
+    # restart never scales in before the delay has passed. Only a fresh one: a history
+    # whose every entry has aged out (a delay no longer than the tick) must not keep
+    # re-seeding the current count, or it would never scale in.
     kept = tuple(h for h in history if h[0] >= window_start)
-    if not kept and policy.scale_down_delay_seconds > 0:
+    if not history and policy.scale_down_delay_seconds > 0:
         kept = ((now, current),)
     history = (*kept, (now, recommended))
     replicas = recommended if recommended >= current else max(n for _, n in history)

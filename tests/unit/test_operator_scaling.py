@@ -146,6 +146,18 @@ def test_fresh_history_never_scales_in_at_once() -> None:
     assert (decision.replicas, decision.reason) == (4, "ScaleDownDelayed")
 
 
+def test_delay_shorter_than_the_tick_still_scales_in() -> None:
+    """Ticks 1.1 s apart, a 1 s delay: every entry has aged out by the next tick, which
+    must then scale in, not treat the history as fresh."""
+    policy = Policy(
+        min_replicas=0, max_replicas=10, records_per_replica=100, scale_down_delay_seconds=1
+    )
+    first = step(Depth(ready=400, processing=0), 0, policy, now=0.0)
+    assert first.replicas == 4
+    decision = step(Depth(ready=0, processing=0), 4, policy, first.history, now=1.1)
+    assert (decision.replicas, decision.reason) == (0, "ScaledDown")
+
+
 def test_drain_time_target_uses_the_measured_rate() -> None:
     policy = Policy(
         min_replicas=0,
