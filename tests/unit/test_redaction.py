@@ -19,6 +19,8 @@ SECRET = "s3cretpw"  # noqa: S105 - a fake password the output must not show
         f"mssql+pyodbc://sa:{SECRET}@sqlhost/SurveyHub?driver=ODBC+Driver+18",
         f"postgresql://user:pa:ss/{SECRET}@db/rpa_db",
         f"could not connect with postgresql://user:{SECRET}@db/x: refused",
+        f"postgresql://:{SECRET}@db/rpa_db",  # no user: libpq takes PGUSER
+        f"postgresql://user:{SECRET}@{SECRET}@db/rpa_db",  # an unencoded '@' in it
         f"host=db port=5432 user=u password={SECRET} dbname=rpa_db",
         f"host=db PASSWORD = {SECRET} dbname=rpa_db",
         f"postgresql://db/rpa_db?password={SECRET}",

@@ -11,7 +11,7 @@ import re
 import psycopg
 from psycopg import conninfo
 
-_URL_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 # key=value DSNs may quote a password holding spaces: password='a b\'c'
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
