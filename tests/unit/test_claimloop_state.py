@@ -103,6 +103,16 @@ def test_stuck_only_past_the_record_timeout() -> None:
     assert held.seconds_past_timeout(10, now=10_000.0) == 0.0  # nothing running
 
 
+def test_only_the_hung_record_stops_being_renewed() -> None:
+    held = InFlight()
+    held.hold([record(1), record(2), record(3)])
+    # Record 1 is finished (its completion commits with the batch), 2 runs, 3 waits.
+    held.track(BatchOutcome(completed=[record(1)], current_id=2, current_started=100.0))
+    assert [r.id for r in held.renewable(10, now=105.0)] == [1, 2, 3]
+    assert [r.id for r in held.renewable(10, now=120.0)] == [1, 3]
+    assert [r.id for r in held.renewable(0, now=10_000.0)] == [1, 2, 3]  # 0: no limit
+
+
 def test_a_new_claim_forgets_the_last_batch_progress() -> None:
     held = InFlight()
     held.hold([record(1)])

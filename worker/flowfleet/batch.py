@@ -77,6 +77,7 @@ class BatchOutcome:
     unprocessed: list[queue.Claimed] = field(default_factory=list)
     # When the record now running started (monotonic), for the stuck-record check.
     current_started: float | None = None
+    current_id: int | None = None  # the record now running
     # Set when the processor raised a BaseException that is not an Exception (SystemExit,
     # KeyboardInterrupt, ...): its record is failed, the records after it are left in
     # ``unprocessed``, and the caller settles the batch and then raises it.
@@ -114,6 +115,7 @@ def run_batch(
         if not should_continue():
             outcome.unprocessed.extend(records[index:])
             break
+        outcome.current_id = record.id
         outcome.current_started = time.monotonic()
         try:
             if processor.takes_conn:

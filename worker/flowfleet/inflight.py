@@ -64,6 +64,19 @@ class InFlight:
             return 0.0
         return max(0.0, (time.monotonic() if now is None else now) - started - limit)
 
+    def renewable(self, limit: float, now: float | None = None) -> list[queue.Claimed]:
+        """The records whose leases to renew: all held, but a record running past ``limit``.
+
+        Only the hung record's lease is left to run out (it comes back counted as
+        abandoned); its batch-mates, finished ones among them, stay ours: dropping them
+        would let another worker run again what this one already processed."""
+        records = self.records()
+        if not self.seconds_past_timeout(limit, now):
+            return records
+        with self._lock:
+            hung = self._progress.current_id if self._progress is not None else None
+        return [r for r in records if r.id != hung]
+
     def unsettled(self) -> Unsettled:
         with self._lock:
             records, progress = list(self._records), self._progress

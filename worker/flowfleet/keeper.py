@@ -87,9 +87,10 @@ class LeaseKeeper:
     def _renew_leases(self, conn: psycopg.Connection) -> None:
         for held in self.holdings:
             # A hung record's lease is left to run out: like a crashed worker's, it comes
-            # back, counted as abandoned.
-            if not held.seconds_past_timeout(self.settings.record_timeout_seconds):
-                queue.heartbeat(conn, held.records(), self.settings.lease_seconds)
+            # back, counted as abandoned. Its batch-mates' leases are still renewed.
+            records = held.renewable(self.settings.record_timeout_seconds)
+            if records:
+                queue.heartbeat(conn, records, self.settings.lease_seconds)
 
     def _return_orphans(self, conn: psycopg.Connection) -> None:
         s = self.settings
