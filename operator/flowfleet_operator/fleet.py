@@ -463,6 +463,7 @@ class Fleet:
                 failed=found.failed,
                 busy_pods=found.busy_instances,
                 completions_per_minute=found.completed_recently * 60.0 / RATE_WINDOW_SECONDS,
+                completing_pods=found.completing_instances,
             )
         policy = Policy(
             min_replicas=spec.min_replicas,

@@ -32,6 +32,7 @@ class Depth:
     failed: int = 0
     busy_pods: int = 0  # distinct instance ids holding claims
     completions_per_minute: float | None = None  # None: not measured
+    completing_pods: int = 0  # distinct instance ids behind completions_per_minute
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,16 @@ class Decision:
 
 
 def _per_replica_rate(depth: Depth, current: int) -> float | None:
-    """Records per second one replica completes, when measured."""
-    if not depth.completions_per_minute or current <= 0:
+    """Records per second one replica completes, when measured.
+
+    Divided by the pods that produced the completions, not by the current replicas: right
+    after a scale-up the window still holds the smaller fleet's work, and dividing it by
+    the new count would make each replica look slower, want more replicas, and run away
+    to maxReplicas tick by tick."""
+    producers = depth.completing_pods or current
+    if not depth.completions_per_minute or producers <= 0:
         return None
-    return depth.completions_per_minute / 60.0 / current
+    return depth.completions_per_minute / 60.0 / producers
 
 
 def _raw(depth: Depth, policy: Policy, current: int) -> tuple[int, str]:

@@ -184,3 +184,23 @@ def test_drain_time_falls_back_to_records_per_replica_while_rate_unknown() -> No
     for rate, current in ((None, 2), (0.0, 2), (600.0, 0)):
         depth = Depth(ready=6000, processing=0, completions_per_minute=rate)
         assert step(depth, current, policy).replicas == 50  # min(60, max 50)
+
+
+def test_drain_time_does_not_run_away_right_after_a_scale_up() -> None:
+    policy = Policy(
+        min_replicas=0,
+        max_replicas=50,
+        records_per_replica=100,
+        scale_down_delay_seconds=60,
+        target_drain_seconds=60,
+    )
+    # The rate window still holds the work of the 2 pods that were there before the
+    # scale-up to 10: each of those does 10 records/s, so 10 replicas stay enough. Divided
+    # by the new 10 replicas the rate would read 2/s each and want 50.
+    depth = Depth(ready=6000, processing=100, completions_per_minute=1200.0, completing_pods=2)
+    history: History = ()
+    current = 10
+    for tick in range(5):
+        decision = step(depth, current, policy, history, now=1000.0 + tick)
+        history, current = decision.history, decision.replicas
+    assert current == 10

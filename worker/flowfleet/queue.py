@@ -569,6 +569,8 @@ class FlowDepth:
     failed: int
     busy_instances: int
     completed_recently: int
+    # Instances whose completions make up completed_recently: the producers of the rate.
+    completing_instances: int
 
 
 def depth_of_flows(

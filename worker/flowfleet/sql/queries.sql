@@ -430,7 +430,8 @@ WITH counts AS (
      WHERE status = 'processing' AND flow_name = ANY(%(flow_names)s::text[])
      GROUP BY flow_name
 ), done AS (
-    SELECT flow_name, count(*) AS completed_recently
+    SELECT flow_name, count(*) AS completed_recently,
+           count(DISTINCT flow_instance_id) AS completing_instances
       FROM processing_history
      WHERE flow_name = ANY(%(flow_names)s::text[])
        AND completed_at > LOCALTIMESTAMP - make_interval(secs => %(window_seconds)s::float8)
@@ -442,7 +443,8 @@ SELECT f.flow_name,
        coalesce(c.processing_records, 0) AS processing_records,
        coalesce(c.failed_records, 0) AS failed_records,
        coalesce(b.busy_instances, 0) AS busy_instances,
-       coalesce(d.completed_recently, 0) AS completed_recently
+       coalesce(d.completed_recently, 0) AS completed_recently,
+       coalesce(d.completing_instances, 0) AS completing_instances
   FROM unnest(%(flow_names)s::text[]) AS f(flow_name)
   LEFT JOIN counts c USING (flow_name)
   LEFT JOIN busy b USING (flow_name)
