@@ -83,6 +83,10 @@ class Flow:
     # it had, but says so instead of "Connected".
     secret_error: str | None = None
     desired: int | None = None  # the last decision's replicas
+    # What keeps the current spec from being served (InvalidSpec, DeploymentFailed): the
+    # ticks keep scaling what runs, but Ready stays False with this until a reconcile of
+    # the spec goes through.
+    spec_blocked: tuple[str, str] | None = None
     deployment_generation: int = 0  # highest metadata.generation seen
     expected_generation: int = 0  # our last scale's generation is at least this
     # Status is computed and written under this lock: two writers (a tick, a Deployment
@@ -213,6 +217,7 @@ class Fleet:
         except InvalidSpec as exc:
             if flow is None:
                 flow = self._new_flow(body, None)
+            flow.spec_blocked = ("InvalidSpec", str(exc))
             self._blocked(flow, "InvalidSpec", str(exc))
             await self.publish(flow)
             raise kopf.PermanentError(str(exc)) from None
@@ -298,6 +303,7 @@ class Fleet:
             await self.publish(flow)
             raise self._retry(flow, message)
         await self._apply_deployment(flow, api_url)
+        flow.spec_blocked = None
         flow.conditions = cond.summarize_ready(flow.conditions, flow.generation, _now(), None)
         await self.publish(flow)
         loop.wake.set()
@@ -331,6 +337,7 @@ class Fleet:
             applied = await self.kube.apply_deployment(manifest)
         except ApiException as exc:
             message = f"worker Deployment not applied: {api_error_line(exc)}"
+            flow.spec_blocked = ("DeploymentFailed", message)
             self._blocked(flow, "DeploymentFailed", message)
             await self.publish(flow)
             raise self._retry(flow, message) from None
@@ -513,7 +520,9 @@ class Fleet:
                 "desired replicas within [minReplicas, maxReplicas]",
             )
         metrics.DESIRED.labels(*flow.key).set(decision.replicas)
-        flow.conditions = cond.summarize_ready(flow.conditions, flow.generation, _now(), None)
+        flow.conditions = cond.summarize_ready(
+            flow.conditions, flow.generation, _now(), flow.spec_blocked
+        )
         # A fast-path tick writes status only when the decision changed; the periodic one
         # keeps the counts current. Either way only what changed is written.
         if not fast or changed:
