@@ -25,6 +25,7 @@ from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from flowfleet import queue
 from flowfleet.database import DatabaseManager
 from flowfleet.distributed import DistributedProcessor
 from flowfleet.errors import FlowfleetError
@@ -136,12 +137,11 @@ def _run(
                 workers[victim].wait()
                 killed = True
                 with db.connection() as conn:
-                    row = conn.execute(
-                        "SELECT count(*) FROM processing_queue WHERE flow_name = %s"
-                        " AND flow_instance_id = %s AND status = 'processing'",
-                        (flow, victim),
-                    ).fetchone()
-                held = int(row[0]) if row else 0
+                    held = sum(
+                        int(row["processing_records"])
+                        for row in queue.processing_by_instance(conn, flow)
+                        if row["instance_id"] == victim
+                    )
                 progress.console.print(
                     f"[red]SIGKILL {victim}[/]: {held} records in flight; they come back "
                     f"when its {LEASE_SECONDS}s lease runs out"
@@ -194,8 +194,7 @@ def _remove(db: DatabaseManager, flow: str) -> None:
     real database without leaving anything behind."""
     try:
         with db.connection() as conn, conn.transaction():
-            conn.execute("DELETE FROM processing_queue WHERE flow_name = %s", (flow,))
-            conn.execute("DELETE FROM processing_history WHERE flow_name = %s", (flow,))
+            queue.delete_flow(conn, flow)
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(flow)))
     except (psycopg.Error, FlowfleetError) as exc:
         console.print(f"[red]could not remove the demo's flow and table {flow}[/]: {exc}")

@@ -583,3 +583,11 @@ def depth_of_flows(
         {"flow_names": list(flow_names), "window_seconds": window_seconds},
     ).fetchall()
     return {row[0]: FlowDepth(*(int(v) for v in row[1:])) for row in rows}
+
+
+def delete_flow(conn: psycopg.Connection, flow_name: str) -> tuple[int, int]:
+    """Delete every record of ``flow_name``, live queue then history, whatever its status;
+    returns ``(live, finished)`` counts. Run it in a transaction to delete both or neither."""
+    live = conn.execute(query("delete_flow_queue"), {"flow_name": flow_name}).rowcount
+    finished = conn.execute(query("delete_flow_history"), {"flow_name": flow_name}).rowcount
+    return live, finished

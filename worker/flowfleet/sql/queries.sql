@@ -449,3 +449,12 @@ SELECT f.flow_name,
   LEFT JOIN counts c USING (flow_name)
   LEFT JOIN busy b USING (flow_name)
   LEFT JOIN done d USING (flow_name);
+
+-- name: delete_flow_queue
+-- Forget a flow's live records, whatever their status (the demo's clean-up of its own
+-- throwaway flow; nothing else deletes unfinished work).
+DELETE FROM processing_queue WHERE flow_name = %(flow_name)s;
+
+-- name: delete_flow_history
+-- Forget a flow's finished records (the demo's clean-up, after delete_flow_queue).
+DELETE FROM processing_history WHERE flow_name = %(flow_name)s;
