@@ -16,7 +16,7 @@ import pytest
 
 from flowfleet.database import DatabaseManager
 from flowfleet.migrate import migrate
-from flowfleet.throwaway import ThrowawayPostgres
+from flowfleet.throwaway import ThrowawayPgBouncer, ThrowawayPostgres
 
 TEMPLATE = "flowfleet_template"
 _counter = itertools.count()
@@ -67,3 +67,17 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute("SET TIME ZONE 'UTC'")
         yield connection
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: ThrowawayPostgres) -> Iterator[ThrowawayPgBouncer]:
+    """PgBouncer in transaction mode in front of the session's server, with few server
+    connections per database, so that clients really share them."""
+    with ThrowawayPgBouncer(pg_server, pool_size=3) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def bouncer_dsn(dsn: str, pgbouncer: ThrowawayPgBouncer) -> str:
+    """This test's database (``dsn``), reached through PgBouncer."""
+    return pgbouncer.dsn(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))
