@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -13,13 +14,14 @@ import pytest
 
 from flowfleet import queue
 from flowfleet.database import DatabaseManager, behind_pooler
+from flowfleet.throwaway import ThrowawayPgBouncer
 from flowfleet.wakeups import WakeUps, wake_on_enqueues
 
 FLOW = "bounced"
 
 
 @pytest.fixture
-def bounced(bouncer_dsn: str, monkeypatch: pytest.MonkeyPatch) -> DatabaseManager:
+def bounced(bouncer_dsn: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[DatabaseManager]:
     monkeypatch.delenv("FLOWFLEET_PGBOUNCER", raising=False)
     monkeypatch.delenv("FLOWFLEET_LISTEN_DSN", raising=False)
     manager = DatabaseManager("queue", connection_string=bouncer_dsn)
@@ -114,7 +116,7 @@ def test_sessions_in_other_time_zones_agree_on_due_and_lease_times(
 
 
 def test_status_and_migrate_through_the_pooler(
-    bounced: DatabaseManager, empty_dsn: str, pgbouncer: object
+    bounced: DatabaseManager, empty_dsn: str, pgbouncer: ThrowawayPgBouncer
 ) -> None:
     from flowfleet.migrate import current_version, migrate
     from flowfleet.sql import latest_version
@@ -124,7 +126,7 @@ def test_status_and_migrate_through_the_pooler(
         for _ in range(8):  # past psycopg's prepare threshold
             counts = queue.stats(c, FLOW)
     assert counts[FLOW]["pending_records"] == 5
-    target = pgbouncer.dsn(str(psycopg.conninfo.conninfo_to_dict(empty_dsn)["dbname"]))  # type: ignore[attr-defined]
+    target = pgbouncer.dsn(str(psycopg.conninfo.conninfo_to_dict(empty_dsn)["dbname"]))
     fresh = DatabaseManager("fresh", connection_string=target)
     try:
         with fresh.connection() as c:

@@ -173,7 +173,9 @@ def find_pgbouncer() -> str:
     for candidate in (found, "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"):
         if candidate and Path(candidate).exists():
             return candidate
-    raise FlowfleetError("no pgbouncer binary found: install it (Debian: apt-get install pgbouncer)")
+    raise FlowfleetError(
+        "no pgbouncer binary found: install it (Debian: apt-get install pgbouncer)"
+    )
 
 
 class ThrowawayPgBouncer(_Throwaway):
