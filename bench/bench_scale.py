@@ -1,0 +1,501 @@
+"""Scale: many claim loops, many flows, a long history; the figures behind docs/capacity.md.
+
+    make bench                                  # runs this with --quick (under 2 minutes)
+    .venv/bin/python bench/bench_scale.py --full
+
+1. Loop-count curve: 1 to 200 claim loops (processes x threads, each loop its own
+   connection) draining one flow at batch 10, beside PgQueuer 1.6 with as many consumers
+   (processes x QueueManagers, each its own connection) in the same run; every record
+   claimed once. Then EXPLAIN ANALYZE of one claim while the loops contend.
+2. Claims per PostgreSQL core: records completed per CPU-second of the server's processes
+   (backends, their exited children, background workers) at batch 10, 50 and 200.
+3. Prepared statements: the drain with psycopg's server-side prepares (direct connection)
+   against prepare_threshold=None (what a transaction pooler needs).
+4. 1,000 flows, 10 busy: one flow's claim/complete round trip with and without 990 other
+   flows' backlogs, and the depth of all flows in one query.
+5. Retention: cleanup of half of N completed records (--quick 1,000,000, --full 10,000,000)
+   in batches, while 2 claim loops drain: claim rate during cleanup / before, and the
+   longest cleanup transaction.
+Rates are medians of --repeats runs; ratios are taken within a run, then their median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import pgqueuer_side
+from flowfleet import queue
+from flowfleet.throwaway import ThrowawayPostgres
+
+FLOW = "scale"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# -- server CPU ------------------------------------------------------------------------
+
+
+def server_cpu_seconds(pg: ThrowawayPostgres) -> float:
+    """CPU time of the whole server so far: the postmaster, its live children, and the
+    children it has reaped (exited backends count in its cutime/cstime)."""
+    postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+
+    def times(pid: int, children: bool) -> tuple[int, int]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # fields[1] is ppid; utime, stime, cutime, cstime are fields[11:15]
+        own = int(fields[11]) + int(fields[12])
+        return int(fields[1]), own + (int(fields[13]) + int(fields[14]) if children else 0)
+
+    total = times(postmaster, True)[1]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid, ticks = times(int(entry), False)
+            except (OSError, IndexError):
+                continue
+            if ppid == postmaster:
+                total += ticks
+    return total / TICKS
+
+
+# -- flowfleet claim loops ---------------------------------------------------------------
+
+
+def drain_loops(
+    dsn: str,
+    flow: str,
+    batch: int,
+    threads: int,
+    name: str,
+    prepare: bool,
+    *,
+    ready: Any,
+    go: Any,
+) -> None:
+    """``threads`` claim loops in this process, each on its own connection, until the
+    flow is empty; each loop's claimed ids go to a file for the exactly-once check."""
+    kwargs: dict[str, Any] = {} if prepare else {"prepare_threshold": None}
+    conns = [psycopg.connect(dsn, autocommit=True, **kwargs) for _ in range(threads)]
+    ready.set()
+    go.wait()
+
+    def loop(index: int, conn: psycopg.Connection) -> None:
+        instance = f"{name}-{index}"
+        ids: list[int] = []
+        got = queue.claim(conn, flow, instance, batch, 60)
+        while got:
+            ids += [r.id for r in got]
+            got = queue.complete_and_claim(conn, got, flow, instance, batch, 60)
+        Path(os.environ["BENCH_IDS_DIR"], instance).write_text(" ".join(map(str, ids)))
+
+    workers = [threading.Thread(target=loop, args=(i, c)) for i, c in enumerate(conns)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    for c in conns:
+        c.close()
+
+
+def split(loops: int) -> tuple[int, int]:
+    """(processes, threads per process) for ``loops`` claim loops on 2 cores."""
+    procs = min(loops, 4)
+    return procs, loops // procs
+
+
+def enqueue(dsn: str, flow: str, count: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        queue.enqueue(conn, flow, ({"n": i} for i in range(count)))
+        conn.execute("VACUUM ANALYZE processing_queue")
+
+
+def flowfleet_drain(
+    pg: ThrowawayPostgres,
+    dsn: str,
+    records: int,
+    loops: int,
+    batch: int,
+    ids_dir: Path,
+    prepare: bool = True,
+) -> tuple[float, float]:
+    """(records/s, server CPU seconds) of draining ``records`` with ``loops`` loops;
+    asserts every record was claimed exactly once."""
+    enqueue(dsn, FLOW, records)
+    for old in ids_dir.iterdir():
+        old.unlink()
+    procs, threads = split(loops)
+    cpu = server_cpu_seconds(pg)
+    seconds = common.run_processes(
+        drain_loops,
+        [(dsn, FLOW, batch, threads, f"l{p}", prepare) for p in range(procs)],
+    )
+    cpu = server_cpu_seconds(pg) - cpu
+    claimed = [int(i) for f in ids_dir.iterdir() for i in f.read_text().split()]
+    assert len(claimed) == records == len(set(claimed)), (len(claimed), len(set(claimed)))
+    return records / seconds, cpu
+
+
+# -- PgQueuer consumers ------------------------------------------------------------------
+
+
+async def _pgqueuer_consumers(dsn: str, batch: int, count: int, ready: Any, go: Any) -> None:
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, Queries, QueueManager
+    from pgqueuer.types import QueueExecutionMode
+
+    managers = []
+    for _ in range(count):
+        conn = await asyncpg.connect(dsn)
+        qm = QueueManager(Queries(AsyncpgDriver(conn)))
+
+        @qm.entrypoint("noop")
+        async def noop(job: Any) -> None:
+            return None
+
+        managers.append((qm, conn))
+    ready.set()
+    await asyncio.get_running_loop().run_in_executor(None, go.wait)
+    await asyncio.gather(
+        *(
+            qm.run(
+                batch_size=batch,
+                mode=QueueExecutionMode.drain,
+                dequeue_timeout=timedelta(seconds=0.2),
+            )
+            for qm, _ in managers
+        )
+    )
+    for _, conn in managers:
+        await conn.close()
+
+
+def pgqueuer_consumers(dsn: str, batch: int, count: int, *, ready: Any, go: Any) -> None:
+    asyncio.run(_pgqueuer_consumers(dsn, batch, count, ready, go))
+
+
+def pgqueuer_drain(dsn: str, records: int, loops: int, batch: int) -> float:
+    pgqueuer_side.enqueue(dsn, records)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE pgqueuer")
+    procs, per_proc = split(loops)
+    seconds = common.run_processes(pgqueuer_consumers, [(dsn, batch, per_proc)] * procs)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        left = conn.execute("SELECT count(*) FROM pgqueuer").fetchone()
+    assert left == (0,), f"PgQueuer left {left} jobs"
+    return records / seconds
+
+
+# -- EXPLAIN under contention --------------------------------------------------------------
+
+
+def explain_claim_under_contention(
+    pg: ThrowawayPostgres, dsn: str, ids_dir: Path, loops: int, batch: int
+) -> list[str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of one claim taken while ``loops`` loops drain."""
+    enqueue(dsn, FLOW, 200_000)
+    for old in ids_dir.iterdir():
+        old.unlink()
+    procs, threads = split(loops)
+    plan: list[str] = []
+
+    def sample() -> None:
+        time.sleep(1.0)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            with conn.transaction():
+                rows = conn.execute(
+                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + queue.query("claim"),
+                    {
+                        "flow_name": FLOW,
+                        "instance_id": "explain",
+                        "batch_size": batch,
+                        "lease_seconds": 60,
+                    },
+                ).fetchall()
+                plan.extend(r[0] for r in rows)
+                raise psycopg.Rollback()
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    common.run_processes(
+        drain_loops, [(dsn, FLOW, batch, threads, f"e{p}", True) for p in range(procs)]
+    )
+    sampler.join()
+    return plan
+
+
+# -- many flows ----------------------------------------------------------------------------
+
+
+def claim_round_trips(dsn: str, flow: str, batch: int, rounds: int) -> float:
+    """Median seconds of one complete-and-claim round trip on ``flow``."""
+    times = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        got = queue.claim(conn, flow, "probe", batch, 60)
+        for _ in range(rounds):
+            started = time.perf_counter()
+            got = queue.complete_and_claim(conn, got, flow, "probe", batch, 60)
+            times.append(time.perf_counter() - started)
+            assert got, "the probed flow ran dry"
+    return statistics.median(times)
+
+
+DEPTH_QUERIES = {
+    "stats of all flows (queue.stats, live queue)": None,
+    "pending per flow, claim index only": (
+        "SELECT flow_name, count(*) FROM processing_queue WHERE status = 'pending'"
+        " GROUP BY flow_name"
+    ),
+}
+
+
+def depth_read(dsn: str, sql: str | None, rounds: int) -> tuple[float, int]:
+    times, flows = [], 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            if sql is None:
+                flows = len(queue.stats(conn, None, completed=False))
+            else:
+                flows = len(conn.execute(sql).fetchall())
+            times.append(time.perf_counter() - started)
+    return statistics.median(times), flows
+
+
+def fill_flows(dsn: str, flows: int, per_flow: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO processing_queue (flow_name, payload)"
+            " SELECT 'idle-' || f, jsonb_build_object('n', n)"
+            " FROM generate_series(1, %s) f, generate_series(1, %s) n",
+            (flows, per_flow),
+        )
+        conn.execute("VACUUM ANALYZE processing_queue")
+
+
+# -- retention -----------------------------------------------------------------------------
+
+
+def fill_history(dsn: str, count: int, days: int) -> None:
+    """``count`` completed records, completed evenly over the last ``days`` days, in
+    completion order (as completions append them)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO processing_history (id, flow_name, payload, claimed_at, completed_at,"
+            " created_at)"
+            " SELECT -g, 'flow-' || (g %% 20), jsonb_build_object('n', g, 'pad', 'xxxxxxxxxxxx'),"
+            "        t, t, t"
+            "   FROM generate_series(1, %(n)s) g,"
+            "        LATERAL (SELECT (now() AT TIME ZONE 'UTC')"
+            "                 - make_interval(secs => %(span)s * (1 - g::float8 / %(n)s))) AS s(t)",
+            {"n": count, "span": days * 86400.0},
+        )
+        conn.execute("VACUUM ANALYZE processing_history")
+
+
+def steady_claims(dsn: str, seconds: float, stop: threading.Event, rates: list[float]) -> None:
+    """Two claim loops: records/s over each ``seconds`` window, until ``stop``."""
+    counter = [0]
+    lock = threading.Lock()
+
+    def loop(index: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            got = queue.claim(conn, "steady", f"s{index}", 50, 60)
+            while got and not stop.is_set():
+                got = queue.complete_and_claim(conn, got, "steady", f"s{index}", 50, 60)
+                with lock:
+                    counter[0] += len(got)
+
+    loops = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for t in loops:
+        t.start()
+    while not stop.is_set():
+        before, started = counter[0], time.perf_counter()
+        stop.wait(seconds)
+        rates.append((counter[0] - before) / (time.perf_counter() - started))
+    for t in loops:
+        t.join()
+
+
+def measure_retention(dsn: str, history: int) -> dict[str, float]:
+    fill_history(dsn, history, days=30)
+    enqueue(dsn, "steady", 3_000_000 if history > 2_000_000 else 1_500_000)
+    rates: list[float] = []
+    stop = threading.Event()
+    claimer = threading.Thread(target=steady_claims, args=(dsn, 2.0, stop, rates))
+    claimer.start()
+    try:
+        time.sleep(12)
+        before = list(rates[1:])  # the first window warms up
+        marker = len(rates)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            started = time.perf_counter()
+            result = queue.cleanup_completed_in_batches(conn, older_than_seconds=15 * 86400)
+            took = time.perf_counter() - started
+        during = list(rates[marker:])
+    finally:
+        stop.set()
+        claimer.join()
+    return {
+        "deleted": result.deleted,
+        "seconds": took,
+        "longest_batch": result.longest_batch_seconds,
+        "before": statistics.median(before),
+        "during": statistics.median(during) if during else float("nan"),
+    }
+
+
+def history_bytes_per_million(dsn: str) -> float:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT pg_total_relation_size('processing_history')::float8"
+            " / greatest(count(*), 1) * 1e6 FROM processing_history"
+        ).fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def timed(label: str, fn: Callable[[], Any]) -> Any:
+    started = time.perf_counter()
+    value = fn()
+    print(f"  ({label}: {time.perf_counter() - started:.0f}s)", file=sys.stderr)
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the default: under 2 minutes")
+    size.add_argument("--full", action="store_true", help="the full figures (tens of minutes)")
+    args = parser.parse_args(argv)
+    full = bool(args.full)
+    loop_counts = [1, 2, 5, 10, 20, 50, 100, 200] if full else [1, 10, 50, 200]
+    curve_records = 60_000 if full else 12_000
+    repeats = 3 if full else 1
+    history = 10_000_000 if full else 1_000_000
+
+    ids_dir = Path(os.environ.setdefault("BENCH_IDS_DIR", "/tmp/flowfleet-bench-ids"))
+    ids_dir.mkdir(parents=True, exist_ok=True)
+    pg = ThrowawayPostgres(durable=True, max_connections=300).start()
+    try:
+        ff = common.create_database(pg, "scale_ff", flowfleet_schema=True)
+        pq = common.create_database(pg, "scale_pq", flowfleet_schema=False)
+        pgqueuer_side.install(pq)
+        flowfleet_drain(pg, ff, 2_000, 2, 10, ids_dir)  # warm-up
+        pgqueuer_drain(pq, 2_000, 2, 10)
+
+        print(f"\n1. claim loops on one flow, batch 10, {curve_records:,} no-op records")
+        print(f"  {'loops':>5} {'flowfleet rec/s':>16} {'PgQueuer jobs/s':>16} {'ratio':>7}")
+        for loops in loop_counts:
+            ours, theirs = [], []
+            for _ in range(repeats):
+                ours.append(flowfleet_drain(pg, ff, curve_records, loops, 10, ids_dir)[0])
+                theirs.append(pgqueuer_drain(pq, curve_records, loops, 10))
+            ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+            print(
+                f"  {loops:>5} {statistics.median(ours):>16,.0f}"
+                f" {statistics.median(theirs):>16,.0f} {ratio:>6.2f}x"
+            )
+        print("  every record claimed exactly once at every loop count (checked)")
+
+        print("\n   EXPLAIN ANALYZE of one claim (batch 10) while 200 loops drain:")
+        for line in timed(
+            "explain", lambda: explain_claim_under_contention(pg, ff, ids_dir, 200, 10)
+        ):
+            print(f"     {line}")
+
+        print("\n2. records per PostgreSQL CPU-second (4 loops, server processes' CPU time)")
+        per_core: dict[int, float] = {}
+        for batch in (10, 50, 200):
+            runs = [
+                flowfleet_drain(pg, ff, curve_records * 2, 4, batch, ids_dir)
+                for _ in range(repeats)
+            ]
+            per_core[batch] = statistics.median(curve_records * 2 / cpu for _, cpu in runs)
+            rate = statistics.median(r for r, _ in runs)
+            common.row(
+                f"batch {batch}: records per server CPU-second",
+                f"{per_core[batch]:,.0f}",
+                f"(wall {rate:,.0f} rec/s)",
+            )
+
+        print("\n3. prepared statements (4 loops, batch 50)")
+        prepared, unprepared = [], []
+        for _ in range(max(repeats, 2)):
+            prepared.append(flowfleet_drain(pg, ff, curve_records, 4, 50, ids_dir, True)[0])
+            unprepared.append(flowfleet_drain(pg, ff, curve_records, 4, 50, ids_dir, False)[0])
+        common.row("prepared (psycopg default), records/s", f"{statistics.median(prepared):,.0f}")
+        common.row("unprepared (prepare_threshold=None)", f"{statistics.median(unprepared):,.0f}")
+        common.row(
+            "ratio unprepared / prepared",
+            f"{statistics.median(u / p for u, p in zip(unprepared, prepared, strict=True)):.2f}x",
+        )
+
+        print("\n4. 1,000 flows, 10 busy (batch 10 round trips on one busy flow)")
+        lone = common.create_database(pg, "scale_lone", flowfleet_schema=True)
+        crowd = common.create_database(pg, "scale_crowd", flowfleet_schema=True)
+        per_idle = 1_000 if full else 200
+        for dsn in (lone, crowd):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for f in range(10):
+                    queue.enqueue(conn, f"busy-{f}", ({"n": n} for n in range(20_000)))
+        timed("fill", lambda: fill_flows(crowd, 990, per_idle))
+        alone, crowded = [], []
+        for _ in range(3):
+            alone.append(claim_round_trips(lone, "busy-0", 10, 300))
+            crowded.append(claim_round_trips(crowd, "busy-0", 10, 300))
+        common.row(
+            "busy flow alone: one complete+claim (ms)", f"{statistics.median(alone) * 1e3:.2f}"
+        )
+        common.row(
+            f"beside 990 flows x {per_idle:,} pending (ms)",
+            f"{statistics.median(crowded) * 1e3:.2f}",
+        )
+        common.row(
+            "ratio crowded / alone",
+            f"{statistics.median(c / a for c, a in zip(crowded, alone, strict=True)):.2f}x",
+        )
+        for label, sql in DEPTH_QUERIES.items():
+            took, flows = depth_read(crowd, sql, 5)
+            common.row(f"depth of all {flows} flows: {label} (ms)", f"{took * 1e3:.1f}")
+
+        print(f"\n5. retention: {history:,} completed records over 30 days, delete the older half")
+        hist = common.create_database(pg, "scale_history", flowfleet_schema=True)
+        per_million = 0.0
+        result = timed("retention", lambda: measure_retention(hist, history))
+        per_million = history_bytes_per_million(hist)
+        common.row("deleted", f"{result['deleted']:,.0f}")
+        common.row("cleanup wall time (s)", f"{result['seconds']:.1f}")
+        common.row("longest cleanup transaction (ms)", f"{result['longest_batch'] * 1e3:.0f}")
+        common.row("claims before cleanup (rec/s, 2 loops)", f"{result['before']:,.0f}")
+        common.row("claims during cleanup (rec/s)", f"{result['during']:,.0f}")
+        common.row(
+            "ratio during / before",
+            f"{result['during'] / result['before']:.2f}x",
+            "target >= 0.90x",
+        )
+        common.row("history on disk per million records (MB)", f"{per_million / 1e6:.0f}")
+    finally:
+        pg.stop()
+
+
+if __name__ == "__main__":
+    mp.set_start_method("spawn", force=True)
+    main()
