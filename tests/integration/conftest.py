@@ -24,7 +24,8 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[ThrowawayPostgres]:
-    with ThrowawayPostgres() as server:
+    # Room for the 200 claim loops of test_pgbouncer_scale beside everything else.
+    with ThrowawayPostgres(max_connections=300) as server:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
         with psycopg.connect(server.dsn(TEMPLATE), autocommit=True) as conn:
