@@ -41,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import pgqueuer_side
 from flowfleet import queue
-from flowfleet.throwaway import ThrowawayPostgres
+from flowfleet.throwaway import ThrowawayPgBouncer, ThrowawayPostgres
 
 FLOW = "scale"
+# Server connections PgBouncer keeps for the benchmark's database: twice the cores.
+POOL = 4
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -207,14 +209,14 @@ def explain_claim_under_contention(
     pg: ThrowawayPostgres, dsn: str, ids_dir: Path, loops: int, batch: int
 ) -> list[str]:
     """EXPLAIN (ANALYZE, BUFFERS) of one claim taken while ``loops`` loops drain."""
-    enqueue(dsn, FLOW, 200_000)
+    enqueue(dsn, FLOW, 8_000)
     for old in ids_dir.iterdir():
         old.unlink()
     procs, threads = split(loops)
     plan: list[str] = []
 
     def sample() -> None:
-        time.sleep(1.0)
+        time.sleep(0.5)
         with psycopg.connect(dsn, autocommit=True) as conn:
             with conn.transaction():
                 rows = conn.execute(
@@ -254,11 +256,43 @@ def claim_round_trips(dsn: str, flow: str, batch: int, rounds: int) -> float:
     return statistics.median(times)
 
 
+def claim_buffers(dsn: str, flow: str, batch: int) -> int:
+    """Shared buffers one claim of ``flow`` touches (EXPLAIN ANALYZE, rolled back): its
+    work in pages, free of the machine's noise."""
+    touched = 0
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        plan = conn.execute(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + queue.query("claim"),
+            {"flow_name": flow, "instance_id": "probe", "batch_size": batch, "lease_seconds": 60},
+        ).fetchone()
+        assert plan is not None
+        top = plan[0][0]["Plan"]
+        touched = int(top.get("Shared Hit Blocks", 0)) + int(top.get("Shared Read Blocks", 0))
+        raise psycopg.Rollback()
+    return touched
+
+
 DEPTH_QUERIES = {
     "stats of all flows (queue.stats, live queue)": None,
     "pending per flow, claim index only": (
         "SELECT flow_name, count(*) FROM processing_queue WHERE status = 'pending'"
         " GROUP BY flow_name"
+    ),
+    # Bounded work per flow: an autoscaler needs the depth only up to what it would act
+    # on. The flows come from a loose scan of the claim index (one probe per flow).
+    "pending per flow capped at 1,000": (
+        "WITH RECURSIVE flows AS ("
+        " (SELECT flow_name FROM processing_queue WHERE status = 'pending'"
+        "   ORDER BY flow_name LIMIT 1)"
+        " UNION ALL"
+        " SELECT (SELECT q.flow_name FROM processing_queue q"
+        "          WHERE q.status = 'pending' AND q.flow_name > flows.flow_name"
+        "          ORDER BY q.flow_name LIMIT 1)"
+        "   FROM flows WHERE flows.flow_name IS NOT NULL)"
+        " SELECT f.flow_name, c.n FROM flows f, LATERAL (SELECT count(*) AS n FROM"
+        "  (SELECT 1 FROM processing_queue q WHERE q.status = 'pending'"
+        "    AND q.flow_name = f.flow_name LIMIT 1000) x) c"
+        " WHERE f.flow_name IS NOT NULL"
     ),
 }
 
@@ -379,120 +413,170 @@ def timed(label: str, fn: Callable[[], Any]) -> Any:
     return value
 
 
+def curve(
+    pg: ThrowawayPostgres,
+    ff: str,
+    pq: str,
+    ids_dir: Path,
+    loop_counts: list[int],
+    curve_records: int,
+    repeats: int,
+    bounced: str,
+) -> None:
+    print(f"\n1. claim loops on one flow, batch 10, {curve_records:,} no-op records")
+    print(
+        f"  {'loops':>5} {'flowfleet rec/s':>16} {'PgQueuer jobs/s':>16} {'ratio':>7}"
+        f" {'via PgBouncer rec/s':>20} {'ratio to direct':>16}"
+    )
+    for loops in loop_counts:
+        ours, theirs, pooled = [], [], []
+        for _ in range(repeats):
+            ours.append(flowfleet_drain(pg, ff, curve_records, loops, 10, ids_dir)[0])
+            theirs.append(pgqueuer_drain(pq, curve_records, loops, 10))
+            if loops >= 50:
+                pooled.append(
+                    flowfleet_drain(pg, bounced, curve_records, loops, 10, ids_dir, False)[0]
+                )
+        ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
+        line = (
+            f"  {loops:>5} {statistics.median(ours):>16,.0f}"
+            f" {statistics.median(theirs):>16,.0f} {ratio:>6.2f}x"
+        )
+        if pooled:
+            gain = statistics.median(b / a for a, b in zip(ours, pooled, strict=True))
+            line += f" {statistics.median(pooled):>20,.0f} {gain:>15.2f}x"
+        print(line)
+    print("  every record claimed exactly once at every loop count and path (checked);")
+    print(f"  PgBouncer: transaction mode, {POOL} server connections, statements unprepared")
+
+    print("\n   EXPLAIN ANALYZE of one claim (batch 10) while 200 loops drain:")
+    for line in timed("explain", lambda: explain_claim_under_contention(pg, ff, ids_dir, 200, 10)):
+        print(f"     {line}")
+
+
+def per_core(
+    pg: ThrowawayPostgres, ff: str, ids_dir: Path, curve_records: int, repeats: int
+) -> None:
+    print("\n2. records per PostgreSQL CPU-second (4 loops, server processes' CPU time)")
+    rates: dict[int, float] = {}
+    for batch in (10, 50, 200):
+        runs = [
+            flowfleet_drain(pg, ff, curve_records * 2, 4, batch, ids_dir) for _ in range(repeats)
+        ]
+        rates[batch] = statistics.median(curve_records * 2 / cpu for _, cpu in runs)
+        rate = statistics.median(r for r, _ in runs)
+        common.row(
+            f"batch {batch}: records per server CPU-second",
+            f"{rates[batch]:,.0f}",
+            f"(wall {rate:,.0f} rec/s)",
+        )
+
+
+def prepares(pg: ThrowawayPostgres, ff: str, ids_dir: Path, records: int, repeats: int) -> None:
+    print("\n3. server-side prepared statements (1 loop, batch 10: planning weighs most)")
+    prepared, unprepared = [], []
+    for _ in range(max(repeats, 3)):
+        prepared.append(flowfleet_drain(pg, ff, records, 1, 10, ids_dir, True)[0])
+        unprepared.append(flowfleet_drain(pg, ff, records, 1, 10, ids_dir, False)[0])
+    common.row("prepared (psycopg default), records/s", f"{statistics.median(prepared):,.0f}")
+    common.row("unprepared (prepare_threshold=None)", f"{statistics.median(unprepared):,.0f}")
+    common.row(
+        "ratio unprepared / prepared",
+        f"{statistics.median(u / p for u, p in zip(unprepared, prepared, strict=True)):.2f}x",
+    )
+
+
+def many_flows(pg: ThrowawayPostgres, full: bool) -> None:
+    print("\n4. 1,000 flows, 10 busy (batch 10 round trips on one busy flow)")
+    lone = common.create_database(pg, "scale_lone", flowfleet_schema=True)
+    crowd = common.create_database(pg, "scale_crowd", flowfleet_schema=True)
+    per_idle = 1_000 if full else 200
+    for dsn in (lone, crowd):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for f in range(10):
+                queue.enqueue(conn, f"busy-{f}", ({"n": n} for n in range(20_000)))
+    timed("fill", lambda: fill_flows(crowd, 990, per_idle))
+    alone, crowded = [], []
+    for _ in range(5):
+        alone.append(claim_round_trips(lone, "busy-0", 10, 200))
+        crowded.append(claim_round_trips(crowd, "busy-0", 10, 200))
+    common.row("busy flow alone: one complete+claim (ms)", f"{statistics.median(alone) * 1e3:.2f}")
+    common.row(
+        f"beside 990 flows x {per_idle:,} pending (ms)",
+        f"{statistics.median(crowded) * 1e3:.2f}",
+    )
+    common.row(
+        "ratio crowded / alone",
+        f"{statistics.median(c / a for c, a in zip(crowded, alone, strict=True)):.2f}x",
+    )
+    common.row(
+        "pages one claim touches, alone / crowded",
+        f"{claim_buffers(lone, 'busy-1', 10)} / {claim_buffers(crowd, 'busy-1', 10)}",
+    )
+    for label, sql in DEPTH_QUERIES.items():
+        took, flows = depth_read(crowd, sql, 5)
+        common.row(f"depth of all {flows} flows: {label} (ms)", f"{took * 1e3:.1f}")
+
+
+def retention(pg: ThrowawayPostgres, history: int) -> None:
+    print(f"\n5. retention: {history:,} completed records over 30 days, delete the older half")
+    hist = common.create_database(pg, "scale_history", flowfleet_schema=True)
+    per_million = 0.0
+    result = timed("retention", lambda: measure_retention(hist, history))
+    per_million = history_bytes_per_million(hist)
+    common.row("deleted", f"{result['deleted']:,.0f}")
+    common.row("cleanup wall time (s)", f"{result['seconds']:.1f}")
+    common.row("longest cleanup transaction (ms)", f"{result['longest_batch'] * 1e3:.0f}")
+    common.row("claims before cleanup (rec/s, 2 loops)", f"{result['before']:,.0f}")
+    common.row("claims during cleanup (rec/s)", f"{result['during']:,.0f}")
+    common.row(
+        "ratio during / before",
+        f"{result['during'] / result['before']:.2f}x",
+        "target >= 0.90x",
+    )
+    common.row("history on disk per million records (MB)", f"{per_million / 1e6:.0f}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the default: under 2 minutes")
     size.add_argument("--full", action="store_true", help="the full figures (tens of minutes)")
+    parser.add_argument(
+        "--sections", default="1,2,3,4,5", help="which of the numbered parts to run"
+    )
     args = parser.parse_args(argv)
+    sections = {int(x) for x in args.sections.split(",")}
     full = bool(args.full)
     loop_counts = [1, 2, 5, 10, 20, 50, 100, 200] if full else [1, 10, 50, 200]
-    curve_records = 60_000 if full else 12_000
+    curve_records = 60_000 if full else 8_000
     repeats = 3 if full else 1
     history = 10_000_000 if full else 1_000_000
 
     ids_dir = Path(os.environ.setdefault("BENCH_IDS_DIR", "/tmp/flowfleet-bench-ids"))
     ids_dir.mkdir(parents=True, exist_ok=True)
     pg = ThrowawayPostgres(durable=True, max_connections=300).start()
+    bouncer = ThrowawayPgBouncer(pg, pool_size=POOL)
     try:
+        bouncer.start()
         ff = common.create_database(pg, "scale_ff", flowfleet_schema=True)
         pq = common.create_database(pg, "scale_pq", flowfleet_schema=False)
         pgqueuer_side.install(pq)
         flowfleet_drain(pg, ff, 2_000, 2, 10, ids_dir)  # warm-up
         pgqueuer_drain(pq, 2_000, 2, 10)
 
-        print(f"\n1. claim loops on one flow, batch 10, {curve_records:,} no-op records")
-        print(f"  {'loops':>5} {'flowfleet rec/s':>16} {'PgQueuer jobs/s':>16} {'ratio':>7}")
-        for loops in loop_counts:
-            ours, theirs = [], []
-            for _ in range(repeats):
-                ours.append(flowfleet_drain(pg, ff, curve_records, loops, 10, ids_dir)[0])
-                theirs.append(pgqueuer_drain(pq, curve_records, loops, 10))
-            ratio = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
-            print(
-                f"  {loops:>5} {statistics.median(ours):>16,.0f}"
-                f" {statistics.median(theirs):>16,.0f} {ratio:>6.2f}x"
-            )
-        print("  every record claimed exactly once at every loop count (checked)")
-
-        print("\n   EXPLAIN ANALYZE of one claim (batch 10) while 200 loops drain:")
-        for line in timed(
-            "explain", lambda: explain_claim_under_contention(pg, ff, ids_dir, 200, 10)
-        ):
-            print(f"     {line}")
-
-        print("\n2. records per PostgreSQL CPU-second (4 loops, server processes' CPU time)")
-        per_core: dict[int, float] = {}
-        for batch in (10, 50, 200):
-            runs = [
-                flowfleet_drain(pg, ff, curve_records * 2, 4, batch, ids_dir)
-                for _ in range(repeats)
-            ]
-            per_core[batch] = statistics.median(curve_records * 2 / cpu for _, cpu in runs)
-            rate = statistics.median(r for r, _ in runs)
-            common.row(
-                f"batch {batch}: records per server CPU-second",
-                f"{per_core[batch]:,.0f}",
-                f"(wall {rate:,.0f} rec/s)",
-            )
-
-        print("\n3. prepared statements (4 loops, batch 50)")
-        prepared, unprepared = [], []
-        for _ in range(max(repeats, 2)):
-            prepared.append(flowfleet_drain(pg, ff, curve_records, 4, 50, ids_dir, True)[0])
-            unprepared.append(flowfleet_drain(pg, ff, curve_records, 4, 50, ids_dir, False)[0])
-        common.row("prepared (psycopg default), records/s", f"{statistics.median(prepared):,.0f}")
-        common.row("unprepared (prepare_threshold=None)", f"{statistics.median(unprepared):,.0f}")
-        common.row(
-            "ratio unprepared / prepared",
-            f"{statistics.median(u / p for u, p in zip(unprepared, prepared, strict=True)):.2f}x",
-        )
-
-        print("\n4. 1,000 flows, 10 busy (batch 10 round trips on one busy flow)")
-        lone = common.create_database(pg, "scale_lone", flowfleet_schema=True)
-        crowd = common.create_database(pg, "scale_crowd", flowfleet_schema=True)
-        per_idle = 1_000 if full else 200
-        for dsn in (lone, crowd):
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                for f in range(10):
-                    queue.enqueue(conn, f"busy-{f}", ({"n": n} for n in range(20_000)))
-        timed("fill", lambda: fill_flows(crowd, 990, per_idle))
-        alone, crowded = [], []
-        for _ in range(3):
-            alone.append(claim_round_trips(lone, "busy-0", 10, 300))
-            crowded.append(claim_round_trips(crowd, "busy-0", 10, 300))
-        common.row(
-            "busy flow alone: one complete+claim (ms)", f"{statistics.median(alone) * 1e3:.2f}"
-        )
-        common.row(
-            f"beside 990 flows x {per_idle:,} pending (ms)",
-            f"{statistics.median(crowded) * 1e3:.2f}",
-        )
-        common.row(
-            "ratio crowded / alone",
-            f"{statistics.median(c / a for c, a in zip(crowded, alone, strict=True)):.2f}x",
-        )
-        for label, sql in DEPTH_QUERIES.items():
-            took, flows = depth_read(crowd, sql, 5)
-            common.row(f"depth of all {flows} flows: {label} (ms)", f"{took * 1e3:.1f}")
-
-        print(f"\n5. retention: {history:,} completed records over 30 days, delete the older half")
-        hist = common.create_database(pg, "scale_history", flowfleet_schema=True)
-        per_million = 0.0
-        result = timed("retention", lambda: measure_retention(hist, history))
-        per_million = history_bytes_per_million(hist)
-        common.row("deleted", f"{result['deleted']:,.0f}")
-        common.row("cleanup wall time (s)", f"{result['seconds']:.1f}")
-        common.row("longest cleanup transaction (ms)", f"{result['longest_batch'] * 1e3:.0f}")
-        common.row("claims before cleanup (rec/s, 2 loops)", f"{result['before']:,.0f}")
-        common.row("claims during cleanup (rec/s)", f"{result['during']:,.0f}")
-        common.row(
-            "ratio during / before",
-            f"{result['during'] / result['before']:.2f}x",
-            "target >= 0.90x",
-        )
-        common.row("history on disk per million records (MB)", f"{per_million / 1e6:.0f}")
+        if 1 in sections:
+            curve(pg, ff, pq, ids_dir, loop_counts, curve_records, repeats, bouncer.dsn("scale_ff"))
+        if 2 in sections:
+            per_core(pg, ff, ids_dir, curve_records, repeats)
+        if 3 in sections:
+            prepares(pg, ff, ids_dir, curve_records // 2, repeats)
+        if 4 in sections:
+            many_flows(pg, full)
+        if 5 in sections:
+            retention(pg, history)
     finally:
+        bouncer.stop()
         pg.stop()
 
 
