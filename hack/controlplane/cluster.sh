@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# A real, node-less Kubernetes control plane for tests and the demo:
-# etcd + kube-apiserver + kube-controller-manager built from Go modules (see
-# go.mod here), run on loopback with RBAC on. No Docker needed, so it works where
-# kind cannot.
+# A real Kubernetes control plane for tests and the demo: etcd + kube-apiserver +
+# kube-controller-manager + kube-scheduler built from Go modules (see go.mod here),
+# run on loopback with RBAC on. No Docker needed, so it works where kind cannot.
+# It has no node of its own: hack/localnode/ adds one that runs pods as processes.
 #
 # Usage: cluster.sh build|up|down|env|status|cached|cache-dir|kubectl-path|kubectl [args...]
 #   build         build the missing binaries into the cache (idempotent)
@@ -40,13 +40,19 @@ STATE="$(realpath -m "${FLOWFLEET_CLUSTER_DIR:-$REPO/.cluster}")"
 MARKER=".flowfleet-cluster"
 SERVICE_CIDR="10.0.0.0/24"
 SERVICE_IP="10.0.0.1" # first address of SERVICE_CIDR: the in-cluster `kubernetes` service
-# Controllers the tests and the operator rely on. Pods stay Pending (there is no
-# scheduler and no node), so nothing node-related is started.
+# Controllers the tests and the operator rely on. Node-related ones, for the local
+# node (hack/localnode): node-lifecycle removes the not-ready taint that admission
+# puts on every new Node once it is Ready, and marks a node whose agent died (lease
+# not renewed for 40 s) NotReady with its pods unready, as in a real cluster. It only
+# taints a node whose agent is silent; the eviction of pods from such a node
+# (taint-eviction-controller) is not started, so a slow machine never loses pods to
+# it. pod-garbage-collector deletes pods left bound to a Node that was deleted.
 CONTROLLERS="deployment-controller,replicaset-controller,garbage-collector-controller"
 CONTROLLERS+=",namespace-controller,serviceaccount-controller,serviceaccount-token-controller"
 CONTROLLERS+=",root-ca-certificate-publisher-controller,clusterrole-aggregation-controller"
+CONTROLLERS+=",node-lifecycle-controller,pod-garbage-collector-controller"
 # Process start order; `down` stops them in reverse.
-COMPONENTS=(etcd kube-apiserver kube-controller-manager)
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -257,6 +263,7 @@ make_pki() {
 		openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
 		openssl rand -hex 32 >admin.token
 		openssl rand -hex 32 >kcm.token
+		openssl rand -hex 32 >scheduler.token
 		# Static tokens (--token-auth-file): token,user,uid,"group1,group2".
 		# The controller manager runs every controller under its own identity
 		# (--use-service-account-credentials=false), which the bootstrap
@@ -264,6 +271,9 @@ make_pki() {
 		{
 			echo "$(cat admin.token),flowfleet-admin,flowfleet-admin,\"system:masters\""
 			echo "$(cat kcm.token),system:kube-controller-manager,kcm,\"system:masters\""
+			# The scheduler needs nothing beyond its bootstrap roles (system:kube-scheduler,
+			# system:volume-scheduler, the extension-apiserver-authentication reader).
+			echo "$(cat scheduler.token),system:kube-scheduler,kube-scheduler,\"\""
 		} >tokens.csv
 		chmod 600 ./*.key ./*.token tokens.csv
 	)
@@ -321,16 +331,18 @@ cmd_up() {
 	trap 'up_failed' EXIT
 
 	local started=$SECONDS
-	local etcd_port etcd_peer_port api_port kcm_port server
+	local etcd_port etcd_peer_port api_port kcm_port sched_port server
 	etcd_port="$(free_port)"
 	etcd_peer_port="$(free_port)"
 	api_port="$(free_port)"
 	kcm_port="$(free_port)"
+	sched_port="$(free_port)"
 	server="https://127.0.0.1:$api_port"
 	echo "$server" >"$STATE/server"
 	make_pki
 	write_kubeconfig "$STATE/kubeconfig" "$server" "$(cat "$STATE/pki/admin.token")" flowfleet-admin
 	write_kubeconfig "$STATE/kcm.kubeconfig" "$server" "$(cat "$STATE/pki/kcm.token")" kube-controller-manager
+	write_kubeconfig "$STATE/scheduler.kubeconfig" "$server" "$(cat "$STATE/pki/scheduler.token")" kube-scheduler
 
 	# --unsafe-no-fsync: the data is thrown away with the cluster, and fsync on
 	# shared CI disks is what makes etcd (and so every API write) slow.
@@ -358,6 +370,7 @@ cmd_up() {
 		--service-account-key-file="$STATE/pki/sa.pub" \
 		--service-account-signing-key-file="$STATE/pki/sa.key" \
 		--service-cluster-ip-range="$SERVICE_CIDR" \
+		--kubelet-preferred-address-types=InternalIP \
 		--profiling=false --v=1
 	wait_for 120 "kube-apiserver /readyz" api_ready
 	log "kube-apiserver ready at $server after $((SECONDS - started))s"
@@ -376,6 +389,17 @@ cmd_up() {
 	wait_for 60 "kube-controller-manager /healthz" \
 		curl -skf --max-time 2 "https://127.0.0.1:$kcm_port/healthz"
 	wait_for 60 "the default service account (controller manager)" kcm_working
+
+	# Binds pods to the local node's Node (hack/localnode); with no node, pods stay
+	# Pending (PodScheduled=False), as before.
+	start kube-scheduler "$CACHE/kube-scheduler" \
+		--kubeconfig="$STATE/scheduler.kubeconfig" \
+		--authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
+		--authorization-kubeconfig="$STATE/scheduler.kubeconfig" \
+		--bind-address=127.0.0.1 --secure-port="$sched_port" --cert-dir="$STATE/scheduler-certs" \
+		--leader-elect=false --profiling=false --v=1
+	wait_for 60 "kube-scheduler /healthz" \
+		curl -skf --max-time 2 "https://127.0.0.1:$sched_port/healthz"
 	trap - EXIT
 	log "control plane $K8S_VERSION up in $((SECONDS - started))s; state in $STATE"
 	print_env

@@ -176,6 +176,10 @@ def chart_operator_kubeconfig(
     helm.run(
         "install", OPERATOR_RELEASE, str(CHART),
         "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
+        # The tests run the operator themselves under this identity; the chart's own
+        # operator pod must never be scheduled (the local node would run it), or two
+        # operators would fight over every DistributedFlow.
+        "--set-string", "nodeSelector.flowfleet\\.io/e2e-unschedulable=true",
     )  # fmt: skip
     token = service_account_token(control_plane, OPERATOR_NAMESPACE, OPERATOR_SERVICE_ACCOUNT)
     user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"

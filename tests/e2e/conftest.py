@@ -1,5 +1,5 @@
 """End-to-end fixtures: a real Kubernetes control plane (etcd, kube-apiserver,
-kube-controller-manager) started by hack/controlplane/cluster.sh.
+kube-controller-manager, kube-scheduler) started by hack/controlplane/cluster.sh.
 
 The cluster lives in a temporary state dir of its own (FLOWFLEET_CLUSTER_DIR), so
 it never touches a developer's `make cluster-up` cluster, and is stopped at the
@@ -27,7 +27,7 @@ from .chart_fixtures import chart_operator_kubeconfig, helm, pytest_runtestloop 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "hack" / "controlplane" / "cluster.sh"
 CRD_FILE = REPO / "crds" / "distributedflow.yaml"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 # A cold build compiles Kubernetes: far longer than any per-test timeout.
 BUILD_TIMEOUT_S = 3600
@@ -277,3 +277,7 @@ def make_namespace(api: Any) -> Iterator[Callable[[], str]]:
     yield make
     for name in created:
         delete_namespace(core, name)
+
+
+# The local node (pods that really run) and its helpers live beside this file.
+from .localnode_fixtures import local_node, localnode_pg  # noqa: E402, F401

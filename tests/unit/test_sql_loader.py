@@ -108,3 +108,9 @@ def test_first_migration_creates_the_seed_table() -> None:
         "updated_at",
     ):
         assert re.search(rf"^\s+{column}\s", first, re.MULTILINE), column
+
+
+def test_no_query_name_is_defined_twice() -> None:
+    text = resources.files(sql).joinpath("queries.sql").read_text(encoding="utf-8")
+    names = re.findall(r"^-- name: (\S+)", text, re.MULTILINE)
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -28,6 +28,43 @@ class _Fenced(Exception):
     """The record's claim was taken back: roll its transaction back."""
 
 
+# A processor's transaction that lost a deadlock or serialization conflict is rolled back
+# whole, its writes with it; it runs again this many times before it counts as an error.
+TRANSACTION_ATTEMPTS = 3
+MAX_ERROR_MESSAGE = 2000
+MAX_ERROR_DETAILS = 8000
+
+
+def storable(text: str) -> str:
+    """``text`` as PostgreSQL can store it: a NUL byte and a lone surrogate (which UTF-8
+    cannot encode) are written out as escapes, so the message still says what was there."""
+    if "\0" in text:
+        text = text.replace("\0", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` of whatever a processor raised, even when its ``__str__`` fails."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except BaseException as broken:  # a __str__ that raises must not lose the record
+        text = f"<str() of the exception raised {type(broken).__name__}>"
+    return storable(redact(f"{name}: {text}" if text else name))[:MAX_ERROR_MESSAGE]
+
+
+def _details(exc: BaseException) -> str:
+    try:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except BaseException:
+        text = describe_error(exc)
+    return storable(redact(text))[-MAX_ERROR_DETAILS:]
+
+
 @dataclass
 class BatchOutcome:
     claimed: int = 0
@@ -40,6 +77,10 @@ class BatchOutcome:
     unprocessed: list[queue.Claimed] = field(default_factory=list)
     # When the record now running started (monotonic), for the stuck-record check.
     current_started: float | None = None
+    # Set when the processor raised a BaseException that is not an Exception (SystemExit,
+    # KeyboardInterrupt, ...): its record is failed, the records after it are left in
+    # ``unprocessed``, and the caller settles the batch and then raises it.
+    fatal: BaseException | None = None
 
     def counts(self) -> dict[str, int]:
         return {
@@ -76,10 +117,7 @@ def run_batch(
         outcome.current_started = time.monotonic()
         try:
             if processor.takes_conn:
-                with conn.transaction():
-                    result = invoke(record.payload, conn=conn)
-                    if not queue.complete(conn, [record], [result]):
-                        raise _Fenced
+                _run_in_transaction(conn, record, invoke)
                 outcome.committed += 1
             else:
                 result = invoke(record.payload)
@@ -92,25 +130,66 @@ def run_batch(
         except _Fenced:
             outcome.fenced += 1
         except Exception as exc:
-            # Stored, so redacted: a processor's error may quote a connection string.
-            message = redact(f"{type(exc).__name__}: {exc}")[:2000]
-            status = queue.fail(
-                conn,
-                record.id,
-                record.claim_token,
-                message,
-                error_details=redact(traceback.format_exc())[-8000:],
-                policy=policy,
-                instance_id=instance_id,
-            )
-            if status == "pending":
-                outcome.retried += 1
-            elif status == "failed":
-                outcome.failed += 1
-                log.warning("record %s failed for good: %s", record.id, message)
-            else:
-                outcome.fenced += 1
+            _fail(conn, record, exc, policy, instance_id, outcome)
+        except BaseException as exc:
+            # Not the record's error alone: the processor asked the process to stop (or
+            # something like it). Its record is failed so a record that exits every
+            # worker ends up failed, not running forever; the caller settles the rest.
+            _fail(conn, record, exc, policy, instance_id, outcome)
+            outcome.fatal = exc
+            outcome.unprocessed.extend(records[index + 1 :])
+            break
     return outcome
+
+
+def _run_in_transaction(
+    conn: psycopg.Connection, record: queue.Claimed, invoke: Callable[..., Any]
+) -> None:
+    """The processor's writes and its record's completion, committed together."""
+    for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                result = invoke(record.payload, conn=conn)
+                if result is not None:
+                    queue.to_json(result, "the processor's result")
+                if not queue.complete(conn, [record], [result]):
+                    raise _Fenced
+            return
+        except psycopg.OperationalError as exc:
+            if not queue.is_retryable(exc) or attempt == TRANSACTION_ATTEMPTS or conn.broken:
+                raise
+            log.info(
+                "record %s: transaction rolled back by the server; running it again", record.id
+            )
+
+
+def _fail(
+    conn: psycopg.Connection,
+    record: queue.Claimed,
+    exc: BaseException,
+    policy: queue.RetryPolicy,
+    instance_id: str | None,
+    outcome: BatchOutcome,
+) -> None:
+    # Stored, so redacted (a processor's error may quote a connection string) and made
+    # storable (it may hold a NUL or a lone surrogate).
+    message = describe_error(exc)
+    status = queue.fail(
+        conn,
+        record.id,
+        record.claim_token,
+        message,
+        error_details=_details(exc),
+        policy=policy,
+        instance_id=instance_id,
+    )
+    if status == "pending":
+        outcome.retried += 1
+    elif status == "failed":
+        outcome.failed += 1
+        log.warning("record %s failed for good: %s", record.id, message)
+    else:
+        outcome.fenced += 1
 
 
 def finish(conn: psycopg.Connection, outcome: BatchOutcome) -> list[int]:

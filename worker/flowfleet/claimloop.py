@@ -4,6 +4,12 @@ next claim, and wait for a wake-up when the queue is empty.
 A loop runs on its own thread with its own connection. It depends on small explicit
 parts only: its settings, a database to connect to, a runner, the wake-ups, the stop
 event and the worker's metrics.
+
+A pass that fails (a lost connection, a statement error, a bug) does not drop the batch in
+hand: the records it processed are completed and the rest handed back, at once if the
+database answers, else as soon as it does (the keeper renews their leases meanwhile). A
+BaseException (``sys.exit()`` in a processor) ends the loop, and the worker stops with a
+non-zero exit.
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ import psycopg
 
 from flowfleet import queue
 from flowfleet.backoff import Backoff
-from flowfleet.batch import BatchOutcome, finish
+from flowfleet.batch import BatchOutcome, describe_error, finish
 from flowfleet.errors import DatabaseUnavailableError
 from flowfleet.inflight import InFlight
 from flowfleet.metrics import WorkerMetrics
 from flowfleet.wakeups import WakeUps
 
 log = logging.getLogger("flowfleet.worker")
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class ClaimSettings:
     lease_seconds: float
     poll_seconds: float
     exit_when_empty: bool = False
+    # A bound on the payload bytes of one batch (None: batch_size alone bounds it).
+    max_batch_bytes: int | None = None
 
 
 class QueueDatabase(Protocol):
@@ -83,6 +96,7 @@ class ClaimLoop:
         stopping: threading.Event,
         on_queue_empty: Callable[[], None],
         metrics: WorkerMetrics,
+        on_fatal: Callable[[str], None] = lambda why: None,
     ) -> None:
         self.index = index
         self.settings = settings
@@ -91,6 +105,8 @@ class ClaimLoop:
         self.wakeups = wakeups
         self.stopping = stopping
         self.on_queue_empty = on_queue_empty
+        # Called when the loop ends for good (a BaseException): the worker should stop.
+        self.on_fatal = on_fatal
         self.metrics = metrics
         self.in_flight = InFlight()
         self.conn: psycopg.Connection | None = None
@@ -100,39 +116,58 @@ class ClaimLoop:
 
     def run(self) -> None:
         backoff = Backoff()
-        while not self.stopping.is_set():
-            try:
-                if self.conn is None or self.conn.closed:
-                    self.conn = self.db.connect()
-                seen = self.wakeups.generation
-                batch = self._claim_batch()
-                self._hold_in_flight(batch)
-                if batch:
-                    self.runner.run_busy_stretch(batch, self)
-                    backoff.reset()  # a clean pass (a batch run, an empty claim) ends backoff
-                    continue
-                backoff.reset()
-                if self.settings.exit_when_empty and self._queue_is_empty(self.conn):
-                    self.on_queue_empty()
-                    break
-                self.wakeups.wait(seen, self.settings.poll_seconds, self.stopping)
-            except (psycopg.OperationalError, DatabaseUnavailableError) as exc:
-                delay = backoff.next_delay()
-                log.warning(
-                    "database connection lost (%s); retrying in %.1fs",
-                    self.db.unavailable(exc),
-                    delay,
-                )
-                self._hand_back_batch()
-                self.stopping.wait(delay)
-            except Exception:
-                # A Prefect API outage or a bug must not kill the loop for good: log it,
-                # hand the batch back, and try again after a pause.
-                delay = backoff.next_delay()
-                log.exception("claim loop error; retrying in %.1fs", delay)
-                self._hand_back_batch()
-                self.stopping.wait(delay)
-        self._close_connection()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    if self.conn is None or self.conn.closed:
+                        self.conn = self.db.connect()
+                    if self.in_flight.records():
+                        # Left by a pass that failed: settled before anything new is claimed.
+                        self._settle(self.conn)
+                    seen = self.wakeups.generation
+                    batch = self._claim_batch()
+                    self._hold_in_flight(batch)
+                    if batch:
+                        self.runner.run_busy_stretch(batch, self)
+                        backoff.reset()  # a clean pass (a batch run, an empty claim) ends backoff
+                        continue
+                    backoff.reset()
+                    if self.settings.exit_when_empty and self._queue_is_empty(self.conn):
+                        self.on_queue_empty()
+                        break
+                    self.wakeups.wait(seen, self.settings.poll_seconds, self.stopping)
+                except (psycopg.OperationalError, DatabaseUnavailableError) as exc:
+                    delay = backoff.next_delay()
+                    if self._connection_lost(exc):
+                        log.warning(
+                            "database connection lost (%s); retrying in %.1fs",
+                            self.db.unavailable(exc),
+                            delay,
+                        )
+                        self._close_connection()
+                    else:
+                        # A deadlock or serialization failure that outlasted the queue's
+                        # own retries, a lock or statement timeout: the connection is fine.
+                        log.warning(
+                            "statement failed (%s); retrying in %.1fs", one_line(exc), delay
+                        )
+                    self._settle_now()
+                    self.stopping.wait(delay)
+                except Exception:
+                    # A Prefect API outage or a bug must not kill the loop for good: log it,
+                    # settle the batch, and try again after a pause.
+                    delay = backoff.next_delay()
+                    log.exception("claim loop error; retrying in %.1fs", delay)
+                    self._settle_now()
+                    self.stopping.wait(delay)
+        except BaseException as exc:
+            # SystemExit and its kind, from a processor (its record is already failed) or
+            # elsewhere: this loop ends, and so does the worker, with a non-zero exit.
+            log.critical("claim loop %d ended by %s", self.index, describe_error(exc))
+            self.on_fatal(f"claim loop {self.index} ended by {type(exc).__name__}")
+        finally:
+            self._settle_now()
+            self._close_connection()
 
     def process_until_idle(
         self,
@@ -156,6 +191,11 @@ class ClaimLoop:
             ran += 1
             if outcome.unprocessed:
                 queue.release(conn, outcome.unprocessed)
+            if outcome.fatal is not None:
+                finish(conn, outcome)
+                self._count_outcome(outcome)
+                self._drop_in_flight()
+                raise outcome.fatal
             keep_going = not self.stopping.is_set() and (
                 deadline is None or time.monotonic() < deadline
             )
@@ -168,6 +208,7 @@ class ClaimLoop:
                     s.instance_id,
                     s.batch_size,
                     s.lease_seconds,
+                    max_batch_bytes=s.max_batch_bytes,
                 )
             else:
                 finish(conn, outcome)
@@ -183,7 +224,14 @@ class ClaimLoop:
     def _claim_batch(self) -> list[queue.Claimed]:
         assert self.conn is not None
         s = self.settings
-        return queue.claim(self.conn, s.flow_name, s.instance_id, s.batch_size, s.lease_seconds)
+        return queue.claim(
+            self.conn,
+            s.flow_name,
+            s.instance_id,
+            s.batch_size,
+            s.lease_seconds,
+            max_batch_bytes=s.max_batch_bytes,
+        )
 
     def _hold_in_flight(self, batch: list[queue.Claimed]) -> None:
         """Hold a fresh claim in flight: from now on the lease keeper renews it."""
@@ -203,18 +251,41 @@ class ClaimLoop:
         m.fenced.inc(outcome.fenced)
         m.released.inc(len(outcome.unprocessed))
 
-    def _hand_back_batch(self) -> None:
-        """Stop renewing the batch in hand and try to hand it back at once; if the
-        database is out of reach, its leases run out and any worker returns it."""
-        records = self.in_flight.records()
+    def _connection_lost(self, exc: BaseException) -> bool:
+        if isinstance(exc, DatabaseUnavailableError):
+            return True
+        return self.conn is None or self.conn.broken or self.conn.closed
+
+    def _settle(self, conn: psycopg.Connection) -> None:
+        """Settle the batch in hand after a failed pass: complete the records it processed
+        (those still ours: the claim tokens tell) and hand back the rest. Finished work is
+        never thrown away, so a lost connection or a database restart re-runs nothing but
+        a record whose own statement was cut."""
+        split = self.in_flight.unsettled()
+        results = split.results if any(r is not None for r in split.results) else None
+        completed = queue.complete(conn, split.processed, results)
+        released = queue.release(conn, split.unprocessed)
         self._drop_in_flight()
-        self._close_connection()
-        if records:
-            try:
-                with self.db.connection(timeout=2.0) as conn:
-                    queue.release(conn, records)
-            except DatabaseUnavailableError:
-                pass
+        if completed or released:
+            log.info(
+                "settled the interrupted batch: completed %d processed records, released %d",
+                len(completed),
+                len(released),
+            )
+        self.metrics.completed.inc(len(completed))
+        self.metrics.released.inc(len(released))
+
+    def _settle_now(self) -> None:
+        """Settle the batch in hand on a connection of the pool, if the database answers;
+        if it does not, the batch stays in hand (the keeper renews its leases) for the next
+        pass, or the end of the grace period, to settle."""
+        if not self.in_flight.records():
+            return
+        try:
+            with self.db.connection(timeout=2.0) as conn:
+                self._settle(conn)
+        except (psycopg.Error, DatabaseUnavailableError) as exc:
+            log.info("batch in hand kept for the next pass: %s", one_line(exc))
 
     def _close_connection(self) -> None:
         if self.conn is not None:

@@ -504,7 +504,7 @@ def cleanup(
         typer.echo(f"released {released} orphaned records")
         if instance is not None:
             with target.connection() as conn:
-                freed = queue.release_instance(conn, instance)
+                freed = queue.release_instance_everywhere(conn, instance)
             typer.echo(f"released {len(freed)} records held by {instance}")
         if completed_older_than_hours is not None:
             deleted = processor.cleanup_completed_records(completed_older_than_hours)
@@ -645,6 +645,12 @@ def worker(
             f" (default {defaults.RECORD_TIMEOUT_SECONDS}).",
         ),
     ] = None,
+    max_batch_bytes: Annotated[
+        int | None,
+        typer.Option(
+            help="Bound a batch's payload bytes (one record always fits); default no bound."
+        ),
+    ] = None,
     exit_when_empty: Annotated[
         bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
     ] = False,
@@ -677,6 +683,7 @@ def worker(
                 "http_port": http_port,
                 "max_retries": max_retries,
                 "record_timeout_seconds": record_timeout_seconds,
+                "max_batch_bytes": max_batch_bytes,
                 "exit_when_empty": exit_when_empty,
             },
         )

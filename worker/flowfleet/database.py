@@ -369,6 +369,8 @@ class DatabaseManager:
             raise self.unavailable(exc) from None
 
     def unavailable(self, cause: object) -> DatabaseUnavailableError:
+        if isinstance(cause, DatabaseUnavailableError):
+            return cause  # already says which database; saying it twice repeats the prefix
         reason = redact(str(cause).strip().splitlines()[0] if str(cause).strip() else "")
         return DatabaseUnavailableError(
             f"cannot reach database {self.name!r} at {self.location}: {reason or 'no answer'}"

@@ -227,18 +227,23 @@ def _release_at_exit() -> None:
 
 
 def queue_status(flows: dict[str, dict[str, int]], flow_name: str | None = None) -> dict[str, Any]:
-    """Shape per-flow counts as ``get_queue_status`` answers."""
+    """Shape per-flow counts as ``get_queue_status`` answers. Rows whose status is none of
+    the four (a table adopted from the seed may hold them) count towards
+    ``total_records`` and, where there are any, appear as ``other_records``."""
     keys = ("pending_records", "processing_records", "completed_records", "failed_records")
+
+    def shaped(counts: dict[str, int]) -> dict[str, Any]:
+        out: dict[str, Any] = {k: counts.get(k, 0) for k in keys}
+        other = counts.get("other_records", 0)
+        if other:
+            out["other_records"] = other
+        out["total_records"] = sum(out[k] for k in keys) + other
+        return out
+
     if flow_name is not None:
-        counts = flows.get(flow_name, {})
-        status: dict[str, Any] = {"flow_name": flow_name}
-        status.update({k: counts.get(k, 0) for k in keys})
-        status["total_records"] = sum(status[k] for k in keys)
-        return status
-    totals: dict[str, Any] = {k: sum(f.get(k, 0) for f in flows.values()) for k in keys}
-    totals["total_records"] = sum(totals[k] for k in keys)
-    totals["by_flow"] = {
-        name: {**{k: c.get(k, 0) for k in keys}, "total_records": sum(c.get(k, 0) for k in keys)}
-        for name, c in sorted(flows.items())
+        return {"flow_name": flow_name, **shaped(flows.get(flow_name, {}))}
+    summed = {k: sum(f.get(k, 0) for f in flows.values()) for k in (*keys, "other_records")}
+    return {
+        **shaped(summed),
+        "by_flow": {name: shaped(c) for name, c in sorted(flows.items())},
     }
-    return totals

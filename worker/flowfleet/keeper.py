@@ -90,7 +90,15 @@ class LeaseKeeper:
 
     def _return_orphans(self, conn: psycopg.Connection) -> None:
         s = self.settings
-        released = queue.release_orphans(conn, None, s.flow_name, max_abandons=s.max_abandons)
+        released = queue.release_orphans(
+            conn,
+            None,
+            s.flow_name,
+            max_abandons=s.max_abandons,
+            # After a database restart, every live keeper gets a lease's length to renew
+            # what its loops hold before anyone's lease counts as run out.
+            reconnect_seconds=s.lease_seconds,
+        )
         if released:
             log.info("returned %d records of dead claimers to the queue", len(released))
             self.wakeups.bump()

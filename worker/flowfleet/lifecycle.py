@@ -93,6 +93,28 @@ def wait_for_database(connection: Connection, stopping: threading.Event) -> bool
     return False
 
 
+def release_previous_claims(
+    connection: Connection, flow_name: str, instance_id: str, max_abandons: int
+) -> None:
+    """Return at once what this instance id still holds from before this process: its
+    container restarted in the same pod (after an OOM kill, say), and the process that
+    claimed those records is gone. Waiting for their leases would only delay them."""
+    try:
+        with connection(timeout=5.0) as conn:
+            returned = queue.release_instance(
+                conn, flow_name, instance_id, max_abandons=max_abandons
+            )
+    except DatabaseUnavailableError as exc:
+        log.warning("could not return earlier claims (%s); their leases will", exc)
+        return
+    if returned:
+        log.warning(
+            "returned %d records that %s held before this process started",
+            len(returned),
+            instance_id,
+        )
+
+
 def settle_unfinished(
     connection: Connection, unfinished: Sequence[InFlight]
 ) -> tuple[int, int] | None:

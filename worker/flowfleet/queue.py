@@ -7,13 +7,17 @@ transactions; none knows about Prefect or Kubernetes.
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -30,6 +34,59 @@ DEFAULT_MAX_ABANDONS = 3
 _NUL_ESCAPE = re.compile(r"(?:^|[^\\])(?:\\\\)*\\u0000")
 
 DedupKey = str | Callable[[Mapping[str, Any]], Any] | None
+
+# A statement that lost a deadlock or a serialization conflict changed nothing and may
+# simply run again; these are statement errors on a live connection, not a lost database.
+STATEMENT_ATTEMPTS = 8
+
+
+# SQLSTATEs of a statement or transaction the server rolled back whole so that it may run
+# again: serialization_failure and deadlock_detected (psycopg's classes for them share
+# no base class but OperationalError, which a lost connection raises too).
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A deadlock (40P01) or serialization failure (40001): rolled back whole, it can run
+    again; the connection is fine."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in RETRYABLE_SQLSTATES
+
+
+def _pause(attempt: int) -> None:
+    # Jittered, so two statements that deadlocked do not meet again at once.
+    time.sleep(min(0.5, 0.005 * 2**attempt) * (0.5 + random.random()))
+
+
+def _run(conn: psycopg.Connection, statement: str, params: Mapping[str, Any] | None = None) -> Any:
+    """Execute ``statement``; run it again when it lost a deadlock or a serialization
+    conflict as a transaction of its own (autocommit). Inside a caller's transaction the
+    error is the caller's: that transaction is rolled back, not just this statement."""
+    for attempt in range(1, STATEMENT_ATTEMPTS + 1):
+        try:
+            return conn.execute(statement, params)
+        except psycopg.OperationalError as exc:
+            own_transaction = conn.info.transaction_status == TransactionStatus.IDLE
+            if not is_retryable(exc) or not own_transaction or attempt == STATEMENT_ATTEMPTS:
+                raise
+            _pause(attempt)
+    raise AssertionError("unreachable")
+
+
+def _run_keeper(conn: psycopg.Connection, statement: str, params: Mapping[str, Any]) -> list[Any]:
+    """A lease keeper's statement under a lock timeout, with its rows; no rows when a lock
+    could not be had in time (the next tick tries again)."""
+    for attempt in range(1, STATEMENT_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                conn.execute(query("keeper_lock_timeout"))
+                return conn.execute(statement, params).fetchall()
+        except pg_errors.LockNotAvailable:
+            return []
+        except psycopg.OperationalError as exc:
+            if not is_retryable(exc) or attempt == STATEMENT_ATTEMPTS:
+                raise
+            _pause(attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -116,6 +173,17 @@ def to_json(value: Any, what: str) -> str:
         raise InvalidRecordError(f"{what}: not JSON-serialisable: {exc}") from None
     if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise InvalidRecordError(f"{what}: PostgreSQL JSON cannot hold NUL (\\u0000)")
+    if "\\ud" in text:
+        # Escaped surrogates: a pair is one character, a lone one is text UTF-8 cannot
+        # encode and jsonb refuses. Only the rare text holding any pays for this check.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            lone = exc.object[exc.start : exc.end]
+            raise InvalidRecordError(
+                f"{what}: holds a lone surrogate (U+{ord(lone[0]):04X}), which is not text "
+                "UTF-8 or PostgreSQL can store"
+            ) from None
     return text
 
 
@@ -193,14 +261,20 @@ def claim(
     instance_id: str,
     batch_size: int,
     lease_seconds: float,
+    *,
+    max_batch_bytes: int | None = None,
 ) -> list[Claimed]:
-    cur = conn.execute(
-        query("claim"),
+    """Claim up to ``batch_size`` records; with ``max_batch_bytes``, fewer when their
+    payloads (as JSON text) would add up to more (the first is always taken)."""
+    cur = _run(
+        conn,
+        query("claim") if max_batch_bytes is None else query("claim_within_bytes"),
         {
             "flow_name": flow_name,
             "instance_id": instance_id,
             "batch_size": batch_size,
             "lease_seconds": lease_seconds,
+            "max_batch_bytes": max_batch_bytes,
         },
     )
     return _claimed(cur.fetchall())
@@ -213,10 +287,15 @@ def complete_and_claim(
     instance_id: str,
     batch_size: int,
     lease_seconds: float,
+    *,
+    max_batch_bytes: int | None = None,
 ) -> list[Claimed]:
     """Complete ``done`` and claim the next batch in one statement and one commit."""
-    cur = conn.execute(
-        query("complete_and_claim"),
+    cur = _run(
+        conn,
+        query("complete_and_claim")
+        if max_batch_bytes is None
+        else query("complete_and_claim_within_bytes"),
         {
             "done_ids": [r.id for r in done],
             "done_tokens": [r.claim_token for r in done],
@@ -224,6 +303,7 @@ def complete_and_claim(
             "instance_id": instance_id,
             "batch_size": batch_size,
             "lease_seconds": lease_seconds,
+            "max_batch_bytes": max_batch_bytes,
         },
     )
     return _claimed(cur.fetchall())
@@ -240,7 +320,8 @@ def complete(
     if not pairs:
         return []
     out = results if results is not None else [None] * len(pairs)
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("complete"),
         {
             "ids": [p[0] for p in pairs],
@@ -254,7 +335,8 @@ def complete(
 def complete_by_instance(
     conn: psycopg.Connection, record_id: int, instance_id: str, result: Any = None
 ) -> bool:
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("complete_by_instance"),
         {
             "id": record_id,
@@ -277,7 +359,8 @@ def fail(
 ) -> str | None:
     """Retry the record later or, with retries spent, fail it. Returns its new status
     (``pending`` or ``failed``), or None when the claim was no longer ours."""
-    row = conn.execute(
+    row = _run(
+        conn,
         query("fail"),
         {
             "id": record_id,
@@ -297,7 +380,8 @@ def release(conn: psycopg.Connection, records: Sequence[Claimed]) -> list[int]:
     """Hand records back to the queue untouched; retries are not spent."""
     if not records:
         return []
-    cur = conn.execute(
+    cur = _run(
+        conn,
         query("release"),
         {"ids": [r.id for r in records], "tokens": [r.claim_token for r in records]},
     )
@@ -305,10 +389,13 @@ def release(conn: psycopg.Connection, records: Sequence[Claimed]) -> list[int]:
 
 
 def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_seconds: float) -> int:
-    """Extend the lease of records still ours; returns how many were."""
+    """Extend the lease of records still ours; returns how many were renewed. A record
+    locked at this moment (being completed, or rechecked by another claim) is skipped:
+    it is renewed on the next call if it is still ours."""
     if not records:
         return 0
-    cur = conn.execute(
+    rows = _run_keeper(
+        conn,
         query("heartbeat"),
         {
             "ids": [r.id for r in records],
@@ -316,7 +403,7 @@ def heartbeat(conn: psycopg.Connection, records: Sequence[Claimed], lease_second
             "lease_seconds": lease_seconds,
         },
     )
-    return len(cur.fetchall())
+    return len(rows)
 
 
 def release_orphans(
@@ -325,56 +412,91 @@ def release_orphans(
     flow_name: str | None = None,
     *,
     max_abandons: int = DEFAULT_MAX_ABANDONS,
+    reconnect_seconds: float = 0.0,
 ) -> list[int]:
     """Return records of dead claimers to the queue without spending a retry: those whose
     lease expired and, given ``timeout_seconds``, those claimed longer ago than that. A
-    record abandoned ``max_abandons`` times is failed instead. Returns the ids touched."""
-    cur = conn.execute(
+    record abandoned ``max_abandons`` times is failed instead. Returns the ids touched.
+
+    Expired leases count only once the server has been up ``reconnect_seconds`` (the
+    lease keeper gives the lease length): after a database restart, live workers renew
+    their leases before anyone takes them for dead. Rows another transaction holds are
+    left for a later call: this never waits on them."""
+    rows = _run_keeper(
+        conn,
         query("release_orphans"),
-        {"timeout_seconds": timeout_seconds, "flow_name": flow_name, "max_abandons": max_abandons},
+        {
+            "timeout_seconds": timeout_seconds,
+            "flow_name": flow_name,
+            "max_abandons": max_abandons,
+            "reconnect_seconds": reconnect_seconds,
+        },
     )
-    return [row[0] for row in cur.fetchall()]
+    return [row[0] for row in rows]
 
 
-_COUNTS = ("pending_records", "processing_records", "completed_records", "failed_records")
+def release_instance(
+    conn: psycopg.Connection,
+    flow_name: str,
+    instance_id: str,
+    *,
+    max_abandons: int = DEFAULT_MAX_ABANDONS,
+) -> list[int]:
+    """Return every record ``instance_id`` holds in ``flow_name`` at once, counted as
+    abandoned: for an instance known to be gone (a restarted container, a deleted pod)."""
+    rows = _run_keeper(
+        conn,
+        query("release_instance"),
+        {"flow_name": flow_name, "instance_id": instance_id, "max_abandons": max_abandons},
+    )
+    return [row[0] for row in rows]
+
+
+_COUNTS = (
+    "pending_records",
+    "processing_records",
+    "completed_records",
+    "failed_records",
+    "other_records",
+    "ready_records",
+)
 
 
 def stats(
     conn: psycopg.Connection, flow_name: str | None = None, *, completed: bool = True
 ) -> dict[str, dict[str, int]]:
     """Per-flow counts: ``{flow: {pending_records, processing_records, completed_records,
-    failed_records, ready_records}}``; ``ready_records`` excludes those waiting out a delay.
-    ``completed=False`` skips counting history, which grows without bound, for callers
-    that ask often and only about the live queue."""
+    failed_records, other_records, ready_records}}``; ``ready_records`` excludes those
+    waiting out a delay; ``other_records`` are rows whose status is none of the four (a
+    table adopted from the seed may hold them). ``completed=False`` skips counting
+    history, which grows without bound, for callers that ask often and only about the
+    live queue."""
     params = {"flow_name": flow_name}
     flows: dict[str, dict[str, int]] = {}
     with conn.cursor(row_factory=dict_row) as cur:
         for row in cur.execute(query("stats_by_flow"), params):
             name = row.pop("flow_name")
-            flows[name] = {k: int(v) for k, v in row.items()}
-        if not completed:
-            return flows
-        for row in cur.execute(query("completed_by_flow"), params):
-            counts = flows.setdefault(
-                row["flow_name"], dict.fromkeys((*_COUNTS, "ready_records"), 0)
-            )
-            counts["completed_records"] = int(row["completed_records"])
-    for counts in flows.values():
-        counts.setdefault("completed_records", 0)
+            counts = {k: int(v) for k, v in row.items()}
+            counts["completed_records"] = counts.pop("completed_in_queue")
+            flows[name] = counts
+        if completed:
+            for row in cur.execute(query("completed_by_flow"), params):
+                counts = flows.setdefault(row["flow_name"], dict.fromkeys(_COUNTS, 0))
+                counts["completed_records"] += int(row["completed_records"])
     return flows
 
 
 def cleanup_completed(conn: psycopg.Connection, older_than_seconds: float) -> int:
-    return conn.execute(
-        query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
+    return _run(
+        conn, query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
     ).rowcount
 
 
 def requeue_failed(
     conn: psycopg.Connection, flow_name: str, ids: Sequence[int] | None = None
 ) -> list[int]:
-    cur = conn.execute(
-        query("requeue_failed"), {"flow_name": flow_name, "ids": list(ids) if ids else None}
+    cur = _run(
+        conn, query("requeue_failed"), {"flow_name": flow_name, "ids": list(ids) if ids else None}
     )
     requeued = [row[0] for row in cur.fetchall()]
     if requeued:
@@ -423,7 +545,8 @@ def release_tokens(conn: psycopg.Connection, pairs: Sequence[tuple[int, int]]) -
     return [row[0] for row in cur.fetchall()]
 
 
-def release_instance(conn: psycopg.Connection, instance_id: str) -> list[int]:
-    """Hand back every record ``instance_id`` holds, whatever its lease; returns the ids."""
-    cur = conn.execute(query("release_instance"), {"instance_id": instance_id})
+def release_instance_everywhere(conn: psycopg.Connection, instance_id: str) -> list[int]:
+    """Hand back every record ``instance_id`` holds in any flow, whatever its lease, no
+    retry spent (``flowfleet cleanup --instance``); returns the ids."""
+    cur = conn.execute(query("release_instance_everywhere"), {"instance_id": instance_id})
     return [row[0] for row in cur.fetchall()]

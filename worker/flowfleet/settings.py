@@ -35,6 +35,7 @@ ENV_KEYS = {
     "max_abandons": "max_abandons",
     "retry_backoff_seconds": "retry_backoff_seconds",
     "retry_backoff_max_seconds": "retry_backoff_max_seconds",
+    "max_batch_bytes": "worker_max_batch_bytes",
 }
 
 
@@ -73,6 +74,10 @@ class WorkerSettings(BaseModel):
         defaults.RETRY_BACKOFF_MAX_SECONDS, ge=0, le=7 * DAY, allow_inf_nan=False
     )
     exit_when_empty: bool = False
+    # A worker holds a claimed batch in memory: about batch_size times the payload size
+    # (several times the JSON text, once parsed). This bounds a batch by the payloads'
+    # JSON bytes instead; None: batch_size alone bounds it.
+    max_batch_bytes: int | None = Field(None, ge=1)
 
     @property
     def heartbeat_seconds(self) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -142,6 +143,25 @@ class ThrowawayPostgres(_Throwaway):
         )
         self.wait_ready()
         return self
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Stop the server as an operator would (fast: sessions are ended), stay down for
+        ``down_seconds``, and start it again on the same port with the same options."""
+        options = shlex.split((self.datadir / "postmaster.opts").read_text())[1:]
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+        time.sleep(down_seconds)
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.root / "server.log"),
+            "-o",
+            shlex.join(options),
+            "-w",
+            "start",
+        )
+        self.wait_ready()
 
     def stop(self) -> None:
         if self.datadir.exists():

@@ -28,6 +28,7 @@ from flowfleet.keeper import KeeperSettings, LeaseKeeper
 from flowfleet.lifecycle import (
     Shutdown,
     check_schema,
+    release_previous_claims,
     settle_unfinished,
     stop_on_signals,
     wait_for_database,
@@ -71,6 +72,8 @@ class Worker:
         self.shutdown = Shutdown(settings.grace_seconds, self.wakeups)
         self.started = threading.Event()
         self.finished = threading.Event()
+        # Non-zero once a claim loop has ended for good: the process stops and says so.
+        self.exit_code = 0
         processing = Processing(
             processor,
             queue.RetryPolicy(
@@ -88,6 +91,7 @@ class Worker:
             lease_seconds=settings.lease_seconds,
             poll_seconds=settings.poll_seconds,
             exit_when_empty=settings.exit_when_empty,
+            max_batch_bytes=settings.max_batch_bytes,
         )
         self.loops = [
             ClaimLoop(
@@ -99,6 +103,7 @@ class Worker:
                 self.shutdown.requested,
                 lambda: self.shutdown.request("queue empty"),
                 self.metrics,
+                on_fatal=self._loop_ended,
             )
             for index in range(settings.concurrency)
         ]
@@ -120,6 +125,10 @@ class Worker:
         )
 
     def request_stop(self, why: str) -> None:
+        self.shutdown.request(why)
+
+    def _loop_ended(self, why: str) -> None:
+        self.exit_code = 1
         self.shutdown.request(why)
 
     # -- health ---------------------------------------------------------------------
@@ -158,6 +167,12 @@ class Worker:
             server = serve(self.settings.http_port, checks, self.metrics.registry)
         if not wait_for_database(self.db.connection, self.shutdown.requested):
             return 0
+        release_previous_claims(
+            self.db.connection,
+            self.settings.flow_name,
+            self.instance_id,
+            self.settings.max_abandons,
+        )
         background = [
             threading.Thread(
                 target=wake_on_enqueues,
@@ -192,14 +207,20 @@ class Worker:
         if server is not None:
             server.shutdown()
         log.info("worker stopped")
-        return 0
+        return self.exit_code
 
     def _drain(self) -> None:
         """Wait out the grace period for loops to finish, then settle what is left: records
         already processed are completed, the others handed back."""
         for loop in self.loops:
             loop.thread.join(self.shutdown.seconds_left())
-        unfinished = [loop.in_flight for loop in self.loops if loop.thread.is_alive()]
+        # A loop that ended holding records (it could not reach the database to settle
+        # them) is settled here too.
+        unfinished = [
+            loop.in_flight
+            for loop in self.loops
+            if loop.thread.is_alive() or loop.in_flight.records()
+        ]
         settled = settle_unfinished(self.db.connection, unfinished)
         if settled is not None:
             completed, released = settled

@@ -23,6 +23,7 @@ OPTIONS = frozenset(
         "http_port",
         "max_retries",
         "record_timeout_seconds",
+        "max_batch_bytes",
         "exit_when_empty",
         "log_format",
         "dsn",

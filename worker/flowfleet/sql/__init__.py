@@ -23,13 +23,22 @@ def queries() -> dict[str, str]:
     text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
-    named = {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    names = parts[1::2]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        # A second definition would silently replace the first one's statement.
+        raise RuntimeError(f"queries.sql names {', '.join(twice)} more than once")
+    named = {name: body.strip() for name, body in zip(names, parts[2::2], strict=True)}
     # Fragments (names starting with "_") are shared text, spliced in where a query says
     # {{_name}}: the claim's picking logic exists once for both statements that claim.
     fragments = {name: named.pop(name).rstrip(";") for name in list(named) if name[0] == "_"}
     for name, body in named.items():
-        for fragment, text in fragments.items():
-            body = body.replace("{{" + fragment + "}}", text)
+        # Fragments may name fragments: splice until nothing changes.
+        spliced = None
+        while spliced != body:
+            spliced = body
+            for fragment, text in fragments.items():
+                body = body.replace("{{" + fragment + "}}", text)
         if "{{" in body:
             raise RuntimeError(f"query {name!r} names an unknown fragment")
         named[name] = body

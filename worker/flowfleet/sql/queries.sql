@@ -1,27 +1,55 @@
 -- Every statement flowfleet runs, by name. Python refers to them by the name after
 -- "-- name:"; only identifiers are ever composed, and none of these needs one.
 
--- name: _pick
--- The records a claim takes: pending, due, in priority then FIFO order. A record whose
--- worker died holding it may be what killed it, so it is claimed alone, ahead of the
--- rest: it cannot take a batch of innocent records down with it again.
+-- name: _candidates
+-- The records a claim may take: pending, due, in priority then FIFO order. A record
+-- whose worker died holding it may be what killed it, so it is claimed alone, ahead of
+-- the rest: it cannot take a batch of innocent records down with it again.
+--
+-- Nothing is picked before the CTE "settled" has been read: a statement that also
+-- completes records makes "settled" wait for its deletes (see complete_and_claim).
 suspect AS (
     SELECT id FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count > 0
-       AND available_at <= LOCALTIMESTAMP
+       AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
      ORDER BY priority DESC, id
      LIMIT 1
      FOR UPDATE SKIP LOCKED
 ), batch AS (
-    SELECT id FROM processing_queue
+    SELECT id, priority FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count = 0
-       AND available_at <= LOCALTIMESTAMP AND NOT EXISTS (SELECT FROM suspect)
+       AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
+       AND NOT EXISTS (SELECT FROM suspect)
      ORDER BY priority DESC, id
      LIMIT %(batch_size)s
      FOR UPDATE SKIP LOCKED
-), picked AS (
+)
+
+-- name: _take_all
+picked AS (
     SELECT id FROM suspect UNION ALL SELECT id FROM batch
-), token AS (
+)
+
+-- name: _take_within_bytes
+-- A worker holds a whole batch in memory: the batch ends before its payloads (as JSON
+-- text) add up to more than max_batch_bytes. The first record is always taken, however
+-- large, or it could never run. Rows left out stay pending. A separate statement from
+-- the plain claim, which thus pays nothing for it.
+budget AS (
+    SELECT id FROM (
+        SELECT b.id, octet_length(q.payload::text) AS bytes,
+               sum(octet_length(q.payload::text))
+                   OVER (ORDER BY b.priority DESC, b.id ROWS UNBOUNDED PRECEDING) AS running
+          FROM batch b JOIN processing_queue q ON q.id = b.id
+    ) sized
+     WHERE running <= %(max_batch_bytes)s OR running = bytes
+), picked AS (
+    SELECT id FROM suspect UNION ALL SELECT id FROM budget
+)
+
+-- name: _stamp
+-- The picked records become this claimer's, under one new token.
+token AS (
     SELECT nextval('processing_queue_claim_token_seq') AS value
 )
 UPDATE processing_queue q
@@ -36,26 +64,50 @@ RETURNING q.id, q.payload, q.retry_count, q.claim_token, q.created_at, q.priorit
 -- name: claim
 -- One statement: pick, lock and stamp. SKIP LOCKED lets concurrent claimers pass each
 -- other's locked rows instead of queueing behind them; the token fences completions.
-WITH {{_pick}}
+WITH settled AS (SELECT), {{_candidates}}, {{_take_all}}, {{_stamp}}
+
+-- name: claim_within_bytes
+WITH settled AS (SELECT), {{_candidates}}, {{_take_within_bytes}}, {{_stamp}}
+
+-- name: _archive
+-- Completed rows, from a CTE "done" that returns the deleted queue row and its result,
+-- into processing_history: the one place that lists history's columns for completions.
+INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
+                                completed_at, error_message, retry_count, created_at,
+                                updated_at, priority, dedup_key, result, abandoned_count)
+SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
+       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result,
+       abandoned_count
+  FROM done
 
 -- name: complete_and_claim
 -- The worker's steady state: finish the last batch and take the next in one round trip
 -- and one commit. Completed rows leave the live queue for processing_history.
-WITH done AS (
+--
+-- Lock order: the deletes run to the end before the claim locks anything. A claim's
+-- SKIP LOCKED scan may still lock rows it does not take: a pending row claimed by
+-- another worker after this statement's snapshot is rechecked (EvalPlanQual) on its
+-- new version, which stays locked until this statement ends, and the update chain is
+-- followed without regard to SKIP LOCKED. Deleting after claiming thus waited for our
+-- own rows while holding other workers' rows, and two such statements deadlocked;
+-- deleting first means we hold only our own rows while we wait.
+WITH {{_settle}}, {{_candidates}}, {{_take_all}}, {{_stamp}}
+
+-- name: complete_and_claim_within_bytes
+WITH {{_settle}}, {{_candidates}}, {{_take_within_bytes}}, {{_stamp}}
+
+-- name: _settle
+-- The completions of complete_and_claim; "settled" is read only once they are done.
+done AS (
     DELETE FROM processing_queue q
      USING unnest(%(done_ids)s::bigint[], %(done_tokens)s::bigint[]) AS d(id, token)
      WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
-    RETURNING q.*
+    RETURNING q.*, NULL::jsonb AS result
 ), archived AS (
-    INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id,
-                                    claimed_at, completed_at, error_message, retry_count,
-                                    created_at, updated_at, priority, dedup_key,
-                                    abandoned_count)
-    SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-           error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
-           abandoned_count
-      FROM done
-), {{_pick}}
+    {{_archive}}
+), settled AS (
+    SELECT count(*) FROM done
+)
 
 -- name: complete
 -- Fenced: a row whose token changed (taken back, re-claimed) is not touched.
@@ -66,13 +118,7 @@ WITH done AS (
      WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
     RETURNING q.*, d.result
 )
-INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
-                                completed_at, error_message, retry_count, created_at,
-                                updated_at, priority, dedup_key, result, abandoned_count)
-SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result,
-       abandoned_count
-  FROM done
+{{_archive}}
 RETURNING id;
 
 -- name: complete_by_instance
@@ -81,15 +127,9 @@ RETURNING id;
 WITH done AS (
     DELETE FROM processing_queue q
      WHERE q.id = %(id)s AND q.flow_instance_id = %(instance_id)s AND q.status = 'processing'
-    RETURNING q.*
+    RETURNING q.*, %(result)s::jsonb AS result
 )
-INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
-                                completed_at, error_message, retry_count, created_at,
-                                updated_at, priority, dedup_key, result, abandoned_count)
-SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key,
-       %(result)s::jsonb, abandoned_count
-  FROM done
+{{_archive}}
 RETURNING id;
 
 -- name: fail
@@ -124,44 +164,98 @@ UPDATE processing_queue q
 RETURNING q.id;
 
 -- name: heartbeat
+-- The lease keeper never waits for a row lock: a row locked now is being completed,
+-- released or rechecked by a claim, and is renewed on the next tick if it is still ours.
+-- Waiting here could join a deadlock with our own claim loop, or hang on a frozen worker.
+WITH mine AS (
+    SELECT q.id
+      FROM processing_queue q
+      JOIN unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
+        ON q.id = d.id AND q.claim_token = d.token
+     WHERE q.status = 'processing'
+     ORDER BY q.id
+       FOR UPDATE OF q SKIP LOCKED
+)
 UPDATE processing_queue q
    SET lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s)
-  FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
- WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
+  FROM mine
+ WHERE q.id = mine.id
 RETURNING q.id;
 
--- name: release_orphans
--- Records whose claimer stopped renewing its lease, or (given the seed's timeout) claimed
--- longer ago than it, go back to pending with their retry count unchanged: the worker
--- died, the record did not fail. Clearing the token fences the dead claimer's late
--- answer. A record abandoned max_abandons times is failed instead: it is what kills them.
-UPDATE processing_queue
-   SET abandoned_count = abandoned_count + 1,
-       status = CASE WHEN abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
+-- name: _abandon
+-- Records of a claimer that stopped (the CTE "orphans", locked) go back to pending with
+-- their retry count unchanged: the worker died, the record did not fail. Clearing the
+-- token fences the dead claimer's late answer. A record abandoned max_abandons times is
+-- failed instead: it is what kills them.
+UPDATE processing_queue q
+   SET abandoned_count = q.abandoned_count + 1,
+       status = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s THEN 'failed'
                      ELSE 'pending' END,
-       error_message = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
+       error_message = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s
                             THEN format('abandoned %%s times: the worker holding it'
                                         ' stopped each time (last: %%s), so it may be'
                                         ' what stops them',
-                                        abandoned_count + 1, flow_instance_id)
-                            ELSE error_message END,
-       flow_instance_id = CASE WHEN abandoned_count + 1 >= %(max_abandons)s
-                               THEN flow_instance_id END,
+                                        q.abandoned_count + 1, q.flow_instance_id)
+                            ELSE q.error_message END,
+       flow_instance_id = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s
+                               THEN q.flow_instance_id END,
        claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL,
        updated_at = LOCALTIMESTAMP
- WHERE status = 'processing'
-   AND (lease_expires_at < LOCALTIMESTAMP
-        OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
-   -- Without a timeout only expired leases count: a record that runs for hours under a
-   -- renewed lease is alive, however old its claim.
-   AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
-RETURNING id, status;
+  FROM orphans
+ WHERE q.id = orphans.id
+RETURNING q.id, q.status
+
+-- name: release_orphans
+-- Records whose claimer stopped renewing its lease, or (given the seed's timeout) claimed
+-- longer ago than it.
+--
+-- A lease that ran out while the server was down or just restarting says nothing about
+-- its claimer: nobody could renew. Leases count only once the server has been up for
+-- reconnect_seconds (a lease's length: time for every live worker to reconnect and
+-- renew), so a database restart is not taken for the death of every worker.
+--
+-- SKIP LOCKED: a row still locked belongs to a claimer that is busy with it (or frozen
+-- inside a transaction, which the server's idle-in-transaction timeout ends); every
+-- worker's keeper runs this, and none may wait on another worker's locks.
+WITH orphans AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'processing'
+       AND ((lease_expires_at < LOCALTIMESTAMP
+             AND pg_postmaster_start_time()
+                 < now() - make_interval(secs => %(reconnect_seconds)s::float8))
+            OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
+       -- Without a timeout only expired leases count: a record that runs for hours
+       -- under a renewed lease is alive, however old its claim.
+       AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
+     ORDER BY id
+       FOR UPDATE SKIP LOCKED
+)
+{{_abandon}};
+
+-- name: release_instance
+-- Every claim an instance holds, at once: its process is gone (a container restarted
+-- under the same pod name after an OOM kill, or a deleted pod). Counted as abandoned,
+-- since the record may be what ended it.
+WITH orphans AS (
+    SELECT id FROM processing_queue
+     WHERE status = 'processing' AND flow_name = %(flow_name)s
+       AND flow_instance_id = %(instance_id)s
+     ORDER BY id
+       FOR UPDATE SKIP LOCKED
+)
+{{_abandon}};
 
 -- name: stats_by_flow
+-- A table adopted from the seed may hold completed rows written in place after the
+-- migration, and statuses outside the four (its CHECK constraint is not added to an
+-- existing table): those are counted too, so that totals match the table.
 SELECT flow_name,
        count(*) FILTER (WHERE status = 'pending') AS pending_records,
        count(*) FILTER (WHERE status = 'processing') AS processing_records,
        count(*) FILTER (WHERE status = 'failed') AS failed_records,
+       count(*) FILTER (WHERE status = 'completed') AS completed_in_queue,
+       count(*) FILTER (WHERE status NOT IN ('pending', 'processing', 'completed', 'failed'))
+           AS other_records,
        count(*) FILTER (WHERE status = 'pending' AND available_at <= LOCALTIMESTAMP)
            AS ready_records
   FROM processing_queue
@@ -212,7 +306,26 @@ SELECT flow_name,
 -- name: session_setup
 -- Queue timestamps are TIMESTAMP (the seed's type) compared with LOCALTIMESTAMP, so every
 -- session must agree on one zone or leases would drift by the zone offset.
-SET TIME ZONE 'UTC';
+--
+-- A frozen client (SIGSTOP, a paused VM, a cut network) inside a transaction holds its
+-- row locks until the server ends its session: these bounds make the server do so on
+-- its own, and its records then come back like any dead claimer's. Each applies only
+-- where nobody chose a value (server, database, role or PGOPTIONS): a processor that
+-- takes `conn` keeps its transaction open while it runs, so a site whose records run
+-- longer raises idle_in_transaction_session_timeout for the worker's role.
+SELECT set_config('TimeZone', 'UTC', false) AS time_zone,
+       (SELECT count(set_config(bound.name, bound.value, false))
+          FROM (VALUES ('idle_in_transaction_session_timeout', '300s'),
+                       -- Server-side TCP keepalives: a peer that vanished is noticed in
+                       -- about a minute rather than the kernel's two hours.
+                       ('tcp_keepalives_idle', '30'),
+                       ('tcp_keepalives_interval', '10'),
+                       ('tcp_keepalives_count', '3')) AS bound(name, value)
+          JOIN pg_settings ON pg_settings.name = bound.name
+         WHERE pg_settings.source = 'default') AS bounds_set;
+
+-- name: keeper_lock_timeout
+SET LOCAL lock_timeout = '2s';
 
 -- name: ping
 SELECT 1;
@@ -281,7 +394,7 @@ SELECT flow_name, flow_instance_id AS instance_id, count(*) AS processing_record
 -- Where records are now (live queue or history), for a requeue that names ids.
 SELECT id, flow_name, status FROM processing_records WHERE id = ANY(%(ids)s::bigint[]);
 
--- name: release_instance
+-- name: release_instance_everywhere
 -- `flowfleet cleanup --instance ID`: that claimer is known to be gone (say a script killed
 -- holding Python-API claims, which are not renewed and last cleanup_timeout_hours). Its
 -- records go back now, no retry spent; the cleared token fences a late answer from it.
