@@ -10,7 +10,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -486,10 +486,41 @@ def stats(
     return flows
 
 
-def cleanup_completed(conn: psycopg.Connection, older_than_seconds: float) -> int:
-    return _run(
-        conn, query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
-    ).rowcount
+# Records deleted per retention transaction: each holds its row locks and its share of
+# the server for tens of milliseconds, so claims and completions never queue behind it.
+CLEANUP_BATCH = 5_000
+
+
+def cleanup_completed_batches(
+    conn: psycopg.Connection, older_than_seconds: float, batch_size: int = CLEANUP_BATCH
+) -> Iterator[int]:
+    """Delete completed records older than ``older_than_seconds``, flow by flow, oldest
+    first, in transactions of at most ``batch_size`` records (each commits on its own
+    when ``conn`` is autocommit); yields each batch's count as it commits."""
+    row = conn.execute(
+        query("cleanup_cutoff"), {"older_than_seconds": older_than_seconds}
+    ).fetchone()
+    assert row is not None
+    cutoff = row[0]
+    flows = [r[0] for r in conn.execute(query("history_flows")).fetchall()]
+    for flow in flows:
+        while True:
+            deleted = _run(
+                conn,
+                query("cleanup_completed_batch"),
+                {"flow_name": flow, "cutoff": cutoff, "batch_size": batch_size},
+            ).rowcount
+            yield deleted
+            if deleted < batch_size:
+                break
+
+
+def cleanup_completed(
+    conn: psycopg.Connection, older_than_seconds: float, batch_size: int = CLEANUP_BATCH
+) -> int:
+    """Delete completed records older than ``older_than_seconds`` in short transactions
+    (``cleanup_completed_batches``); returns how many."""
+    return sum(cleanup_completed_batches(conn, older_than_seconds, batch_size))
 
 
 def requeue_failed(
