@@ -167,3 +167,24 @@ def test_listen_on_the_direct_connection_when_configured(
     finally:
         stopping.set()
         listener.join(5)
+
+
+def test_retention_through_the_pooler_deletes_old_history_in_short_batches(
+    bounced: DatabaseManager, conn: psycopg.Connection
+) -> None:
+    for flow in ("a", "b"):
+        queue.enqueue(conn, flow, [{"n": n} for n in range(10)])
+        queue.complete(conn, queue.claim(conn, flow, "pod", 10, 60))
+    conn.execute(
+        "UPDATE processing_history SET completed_at = completed_at - interval '2 days'"
+        " WHERE (payload->>'n')::int < 7"
+    )
+    with bounced.connection() as c:
+        batches = list(queue.cleanup_completed_batches(c, 86400, batch_size=3, pause_factor=0))
+    assert [b.deleted for b in batches] == [3, 3, 1, 3, 3, 1]
+    left = conn.execute(
+        "SELECT flow_name, count(*) FROM processing_history GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert left == [("a", 3), ("b", 3)]
+    with bounced.connection() as c:
+        assert queue.cleanup_completed(c, 86400) == 0

@@ -489,14 +489,28 @@ def stats(
 # Records deleted per retention transaction: each holds its row locks and its share of
 # the server for tens of milliseconds, so claims and completions never queue behind it.
 CLEANUP_BATCH = 5_000
+# After each retention transaction, wait this many times as long as it took: retention
+# then uses at most a fifth of one server core, and claims keep their pace while it
+# runs (bench/bench_scale.py measures both).
+CLEANUP_PAUSE_FACTOR = 4.0
+
+
+@dataclass(frozen=True)
+class CleanupBatch:
+    deleted: int
+    seconds: float  # the transaction's duration, pause excluded
 
 
 def cleanup_completed_batches(
-    conn: psycopg.Connection, older_than_seconds: float, batch_size: int = CLEANUP_BATCH
-) -> Iterator[int]:
+    conn: psycopg.Connection,
+    older_than_seconds: float,
+    batch_size: int = CLEANUP_BATCH,
+    pause_factor: float = CLEANUP_PAUSE_FACTOR,
+) -> Iterator[CleanupBatch]:
     """Delete completed records older than ``older_than_seconds``, flow by flow, oldest
     first, in transactions of at most ``batch_size`` records (each commits on its own
-    when ``conn`` is autocommit); yields each batch's count as it commits."""
+    when ``conn`` is autocommit), pausing ``pause_factor`` times each one's duration
+    after it; yields each batch as it commits."""
     row = conn.execute(
         query("cleanup_cutoff"), {"older_than_seconds": older_than_seconds}
     ).fetchone()
@@ -505,22 +519,29 @@ def cleanup_completed_batches(
     flows = [r[0] for r in conn.execute(query("history_flows")).fetchall()]
     for flow in flows:
         while True:
+            started = time.monotonic()
             deleted = _run(
                 conn,
                 query("cleanup_completed_batch"),
                 {"flow_name": flow, "cutoff": cutoff, "batch_size": batch_size},
             ).rowcount
-            yield deleted
+            took = time.monotonic() - started
+            yield CleanupBatch(deleted, took)
             if deleted < batch_size:
                 break
+            time.sleep(pause_factor * took)
 
 
 def cleanup_completed(
-    conn: psycopg.Connection, older_than_seconds: float, batch_size: int = CLEANUP_BATCH
+    conn: psycopg.Connection,
+    older_than_seconds: float,
+    batch_size: int = CLEANUP_BATCH,
+    pause_factor: float = CLEANUP_PAUSE_FACTOR,
 ) -> int:
-    """Delete completed records older than ``older_than_seconds`` in short transactions
-    (``cleanup_completed_batches``); returns how many."""
-    return sum(cleanup_completed_batches(conn, older_than_seconds, batch_size))
+    """Delete completed records older than ``older_than_seconds`` in short, paced
+    transactions (``cleanup_completed_batches``); returns how many."""
+    batches = cleanup_completed_batches(conn, older_than_seconds, batch_size, pause_factor)
+    return sum(batch.deleted for batch in batches)
 
 
 def requeue_failed(
