@@ -13,9 +13,9 @@
    against prepare_threshold=None (what a transaction pooler needs).
 4. 1,000 flows, 10 busy: one flow's claim/complete round trip with and without 990 other
    flows' backlogs, and the depth of all flows in one query.
-5. Retention: cleanup of the oldest quarter of N completed records (--quick 1,000,000, --full 10,000,000)
-   in batches, while 2 claim loops drain: claim rate during cleanup / before, and the
-   longest cleanup transaction.
+5. Retention: cleanup of the oldest quarter of N completed records (--quick 1,000,000,
+   --full 10,000,000) in paced batches while 2 claim loops drain; cleanup runs in every
+   other window: claim rate with / without it, and the longest cleanup transaction.
 Rates are medians of --repeats runs; ratios are taken within a run, then their median.
 """
 
