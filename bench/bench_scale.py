@@ -16,6 +16,8 @@
 5. Retention: cleanup of the oldest quarter of N completed records (--quick 1,000,000,
    --full 10,000,000) in paced batches while 2 claim loops drain; cleanup runs in every
    other window: claim rate with / without it, and the longest cleanup transaction.
+6. Connections: server connections one real `flowfleet worker` process holds at
+   concurrency 1, 4 and 16, straight to PostgreSQL and through PgBouncer.
 Rates are medians of --repeats runs; ratios are taken within a run, then their median.
 """
 
@@ -25,7 +27,9 @@ import argparse
 import asyncio
 import multiprocessing as mp
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -43,6 +47,7 @@ import pgqueuer_side
 from flowfleet import queue
 from flowfleet.throwaway import ThrowawayPgBouncer, ThrowawayPostgres
 
+HERE = Path(__file__).resolve().parent
 FLOW = "scale"
 # Server connections PgBouncer keeps for the benchmark's database: twice the cores.
 POOL = 4
@@ -243,16 +248,39 @@ def explain_claim_under_contention(
 # -- many flows ----------------------------------------------------------------------------
 
 
-def claim_round_trips(dsn: str, flow: str, batch: int, rounds: int) -> float:
+def claim_round_trips(dsn: str, flow: str, batch: int, rounds: int, prepare: bool = True) -> float:
     """Median seconds of one complete-and-claim round trip on ``flow``."""
     times = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    kwargs: dict[str, Any] = {} if prepare else {"prepare_threshold": None}
+    with psycopg.connect(dsn, autocommit=True, **kwargs) as conn:
         got = queue.claim(conn, flow, "probe", batch, 60)
         for _ in range(rounds):
             started = time.perf_counter()
             got = queue.complete_and_claim(conn, got, flow, "probe", batch, 60)
             times.append(time.perf_counter() - started)
             assert got, "the probed flow ran dry"
+    return statistics.median(times)
+
+
+def claim_server_ms(dsn: str, flow: str, batch: int, rounds: int = 30) -> float:
+    """Median server-side execution time of one claim (EXPLAIN ANALYZE, rolled back):
+    the database's own work, without the client's or the network's."""
+    times = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for _ in range(rounds):
+            with conn.transaction():
+                plan = conn.execute(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + queue.query("claim"),
+                    {
+                        "flow_name": flow,
+                        "instance_id": "probe",
+                        "batch_size": batch,
+                        "lease_seconds": 60,
+                    },
+                ).fetchone()
+                assert plan is not None
+                times.append(float(plan[0][0]["Execution Time"]))
+                raise psycopg.Rollback()
     return statistics.median(times)
 
 
@@ -504,16 +532,20 @@ def per_core(
 
 def prepares(pg: ThrowawayPostgres, ff: str, ids_dir: Path, records: int, repeats: int) -> None:
     print("\n3. server-side prepared statements (1 loop, batch 10: planning weighs most)")
-    prepared, unprepared = [], []
+    prepared, unprepared, ratios = [], [], []
     for _ in range(max(repeats, 3)):
-        prepared.append(flowfleet_drain(pg, ff, records, 1, 10, ids_dir, True)[0])
-        unprepared.append(flowfleet_drain(pg, ff, records, 1, 10, ids_dir, False)[0])
+        rate_p, cpu_p = flowfleet_drain(pg, ff, records, 1, 10, ids_dir, True)
+        rate_u, cpu_u = flowfleet_drain(pg, ff, records, 1, 10, ids_dir, False)
+        prepared.append(rate_p)
+        unprepared.append(rate_u)
+        ratios.append(cpu_u / cpu_p)
     common.row("prepared (psycopg default), records/s", f"{statistics.median(prepared):,.0f}")
     common.row("unprepared (prepare_threshold=None)", f"{statistics.median(unprepared):,.0f}")
     common.row(
-        "ratio unprepared / prepared",
+        "wall-clock ratio unprepared / prepared",
         f"{statistics.median(u / p for u, p in zip(unprepared, prepared, strict=True)):.2f}x",
     )
+    common.row("server CPU per record, unprepared / prepared", f"{statistics.median(ratios):.2f}x")
 
 
 def many_flows(pg: ThrowawayPostgres, full: bool) -> None:
@@ -540,6 +572,10 @@ def many_flows(pg: ThrowawayPostgres, full: bool) -> None:
         f"{statistics.median(c / a for c, a in zip(crowded, alone, strict=True)):.2f}x",
     )
     common.row(
+        "server execution of one claim, alone / crowded (ms)",
+        f"{claim_server_ms(lone, 'busy-1', 10):.3f} / {claim_server_ms(crowd, 'busy-1', 10):.3f}",
+    )
+    common.row(
         "pages one claim touches, alone / crowded",
         f"{claim_buffers(lone, 'busy-1', 10)} / {claim_buffers(crowd, 'busy-1', 10)}",
     )
@@ -557,7 +593,7 @@ def retention(pg: ThrowawayPostgres, history: int) -> None:
     )
     common.row("deleted", f"{result['deleted']:,.0f}")
     common.row(
-        "cleanup transactions summed (s; paced 1:4, so wall ~5x)", f"{result['seconds']:.1f}"
+        "cleanup transactions summed (s; paced 1:9, so wall ~10x)", f"{result['seconds']:.1f}"
     )
     common.row("cleanup transactions (batches of 5,000)", f"{result['batches']:,.0f}")
     common.row(
@@ -575,18 +611,64 @@ def retention(pg: ThrowawayPostgres, history: int) -> None:
     )
 
 
+def server_connections(admin_dsn: str, dbname: str) -> int:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def worker_connections(pg: ThrowawayPostgres, dsn: str, dbname: str, concurrency: int) -> int:
+    """Server connections of the database while one idle worker runs (steady state)."""
+    from flowfleet.workercmd import worker_command
+
+    env = {**os.environ, "POD_NAME": f"conns-{concurrency}", "PYTHONPATH": str(HERE)}
+    env.pop("PREFECT_ENVIRONMENT", None)
+    command = worker_command(
+        "conns",
+        "processors:noop",
+        dsn=dsn,
+        runner="plain",
+        concurrency=concurrency,
+        poll_seconds=0.2,
+        log_format="json",
+    )
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(6)  # started, claimed (nothing), listening, keeper ticked
+        return server_connections(pg.dsn(), dbname)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def connections(pg: ThrowawayPostgres, bouncer: ThrowawayPgBouncer) -> None:
+    print("\n6. server connections of one idle plain worker (pg_stat_activity)")
+    dsn = common.create_database(pg, "scale_conns", flowfleet_schema=True)
+    for concurrency in (1, 4, 16):
+        direct = worker_connections(pg, dsn, "scale_conns", concurrency)
+        pooled = worker_connections(pg, bouncer.dsn("scale_conns"), "scale_conns", concurrency)
+        common.row(
+            f"concurrency {concurrency}: direct / through PgBouncer",
+            f"{direct} / {pooled}",
+            f"(PgBouncer keeps at most {POOL} per database)",
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the default: under 2 minutes")
     size.add_argument("--full", action="store_true", help="the full figures (tens of minutes)")
     parser.add_argument(
-        "--sections", default="1,2,3,4,5", help="which of the numbered parts to run"
+        "--sections", default="1,2,3,4,5,6", help="which of the numbered parts to run"
     )
     args = parser.parse_args(argv)
     sections = {int(x) for x in args.sections.split(",")}
     full = bool(args.full)
-    loop_counts = [1, 2, 5, 10, 20, 50, 100, 200] if full else [1, 10, 50, 200]
+    loop_counts = [1, 2, 5, 10, 20, 50, 100, 200] if full else [1, 20, 200]
     curve_records = 60_000 if full else 8_000
     repeats = 3 if full else 1
     history = 10_000_000 if full else 1_000_000
@@ -608,11 +690,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if 2 in sections:
             per_core(pg, ff, ids_dir, curve_records, repeats)
         if 3 in sections:
-            prepares(pg, ff, ids_dir, curve_records // 2, repeats)
+            prepares(pg, ff, ids_dir, curve_records, repeats)
         if 4 in sections:
             many_flows(pg, full)
         if 5 in sections:
             retention(pg, history)
+        if 6 in sections:
+            connections(pg, bouncer)
     finally:
         bouncer.stop()
         pg.stop()

@@ -490,9 +490,9 @@ def stats(
 # the server for tens of milliseconds, so claims and completions never queue behind it.
 CLEANUP_BATCH = 5_000
 # After each retention transaction, wait this many times as long as it took: retention
-# then uses at most a fifth of one server core, and claims keep their pace while it
+# then uses at most a tenth of one server core, and claims keep their pace while it
 # runs (bench/bench_scale.py measures both).
-CLEANUP_PAUSE_FACTOR = 4.0
+CLEANUP_PAUSE_FACTOR = 9.0
 
 
 @dataclass(frozen=True)
