@@ -33,7 +33,6 @@ POLLING = "transaction pooler, where LISTEN cannot work"
 def test_workers_drain_through_the_pooler_and_say_once_that_they_poll(
     fleet: Fleet, bouncer_dsn: str, conn: psycopg.Connection
 ) -> None:
-    enqueue_keys(conn, FLOW, range(3_000))
     workers = [
         fleet.start(
             FLOW,
@@ -43,6 +42,11 @@ def test_workers_drain_through_the_pooler_and_say_once_that_they_poll(
         )
         for _ in range(3)
     ]
+    # All running before the work arrives: a SIGTERM before start-up ends a worker
+    # without its graceful path.
+    for worker in workers:
+        worker.wait_logged("worker started")
+    enqueue_keys(conn, FLOW, range(3_000))
     drain_then_stop(conn, FLOW, workers, 120)
     assert queue_counts(conn, FLOW) == {
         "pending": 0,
