@@ -669,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sections = {int(x) for x in args.sections.split(",")}
     full = bool(args.full)
     loop_counts = [1, 2, 5, 10, 20, 50, 100, 200] if full else [1, 20, 200]
-    curve_records = 60_000 if full else 8_000
+    curve_records = 20_000 if full else 8_000
     repeats = 3 if full else 1
     history = 10_000_000 if full else 1_000_000
 
