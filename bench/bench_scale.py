@@ -558,19 +558,24 @@ def many_flows(pg: ThrowawayPostgres, full: bool) -> None:
             for f in range(10):
                 queue.enqueue(conn, f"busy-{f}", ({"n": n} for n in range(20_000)))
     timed("fill", lambda: fill_flows(crowd, 990, per_idle))
-    alone, crowded = [], []
-    for _ in range(5):
-        alone.append(claim_round_trips(lone, "busy-0", 10, 200))
-        crowded.append(claim_round_trips(crowd, "busy-0", 10, 200))
-    common.row("busy flow alone: one complete+claim (ms)", f"{statistics.median(alone) * 1e3:.2f}")
-    common.row(
-        f"beside 990 flows x {per_idle:,} pending (ms)",
-        f"{statistics.median(crowded) * 1e3:.2f}",
-    )
-    common.row(
-        "ratio crowded / alone",
-        f"{statistics.median(c / a for c, a in zip(crowded, alone, strict=True)):.2f}x",
-    )
+    for prepare in (True, False):
+        alone, crowded = [], []
+        for _ in range(5):
+            alone.append(claim_round_trips(lone, "busy-0", 10, 200, prepare))
+            crowded.append(claim_round_trips(crowd, "busy-0", 10, 200, prepare))
+        how = "prepared" if prepare else "unprepared"
+        common.row(
+            f"{how}: one complete+claim, busy flow alone (ms)",
+            f"{statistics.median(alone) * 1e3:.2f}",
+        )
+        common.row(
+            f"{how}: the same beside 990 flows x {per_idle:,} pending (ms)",
+            f"{statistics.median(crowded) * 1e3:.2f}",
+        )
+        common.row(
+            f"{how}: ratio crowded / alone",
+            f"{statistics.median(c / a for c, a in zip(crowded, alone, strict=True)):.2f}x",
+        )
     common.row(
         "server execution of one claim, alone / crowded (ms)",
         f"{claim_server_ms(lone, 'busy-1', 10):.3f} / {claim_server_ms(crowd, 'busy-1', 10):.3f}",
