@@ -39,6 +39,7 @@ bench: setup
 	$(BIN)/python bench/bench_queue.py
 	$(BIN)/python bench/bench_worker.py
 	$(BIN)/python bench/bench_scale.py --quick
+	$(BIN)/python bench/bench_operator.py
 
 lint: setup
 	$(BIN)/ruff check worker operator tests bench hack

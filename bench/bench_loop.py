@@ -9,9 +9,11 @@ done. Anchor: the same worker command started as a plain local process at the mo
 of the enqueue, no Kubernetes: the least a scale-from-zero can cost here. The ratio
 is the price of the loop.
 
-Who scales: the stand-in scaler of hack/demo_k8s.py (polls the queue each second),
-or the operator with ``--operator-cmd`` / ``--flow-manifest`` / ``--pod-selector``
-(see demo_k8s.py); the phases are the same.
+Who scales: by default the real operator, installed by the Helm chart as a pod on the
+local node (as ``make demo-k8s`` does; pollIntervalSeconds 1, so LISTEN/NOTIFY wakes it
+on the enqueue); or the operator as a command (``--operator-cmd``, ``--flow-manifest``,
+``--pod-selector``), or the demo's stand-in scaler (``--stand-in``, polls each second).
+See hack/demo_k8s.py; the phases are the same.
 
     .venv/bin/python bench/bench_loop.py            # 3 bursts
     .venv/bin/python bench/bench_loop.py --full     # 10 bursts, the figure for the README
@@ -131,12 +133,14 @@ def main() -> int:
     parser.add_argument("--records", type=int, default=100, help="records per burst")
     parser.add_argument("--operator-cmd")
     parser.add_argument("--flow-manifest")
-    parser.add_argument("--pod-selector", default=demo_k8s.STAND_IN_SELECTOR)
+    parser.add_argument("--pod-selector")
+    parser.add_argument("--stand-in", action="store_true", help="the demo's crude scaler")
     parser.add_argument("--state-dir", type=Path, default=REPO / ".bench-loop")
     args = parser.parse_args()
     bursts = 10 if args.full else 3
     demo_args = argparse.Namespace(
         operator_cmd=args.operator_cmd,
+        stand_in=args.stand_in,
         flow_manifest=args.flow_manifest,
         pod_selector=args.pod_selector,
         work_seconds=0.002,
@@ -154,7 +158,8 @@ def main() -> int:
         for _ in range(bursts):
             loop.append(loop_burst(st, selector, args.records))
             direct.append(direct_burst(st, args.records))
-    print(f"\nburst of {args.records} records into an empty queue, median of {bursts}:")
+    who = "stand-in scaler" if args.stand_in else args.operator_cmd or "the chart's operator pod"
+    print(f"\nburst of {args.records} records into an empty queue, median of {bursts} ({who}):")
     for key, label in (
         ("to_scale_s", "enqueue -> replicas > 0 (scaler)"),
         ("to_running_s", "enqueue -> pod Running (process started)"),

@@ -300,7 +300,11 @@ def claim_buffers(dsn: str, flow: str, batch: int) -> int:
     return touched
 
 
+# The operator's own read (queue.depth_of_flows, named flows, with recent completions).
+OPERATOR_DEPTH = "operator's queue.depth_of_flows"
+
 DEPTH_QUERIES = {
+    OPERATOR_DEPTH: OPERATOR_DEPTH,
     "stats of all flows (queue.stats, live queue)": None,
     "pending per flow, claim index only": (
         "SELECT flow_name, count(*) FROM processing_queue WHERE status = 'pending'"
@@ -330,7 +334,10 @@ def depth_read(dsn: str, sql: str | None, rounds: int) -> tuple[float, int]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for _ in range(rounds):
             started = time.perf_counter()
-            if sql is None:
+            if sql == OPERATOR_DEPTH:
+                names = [f"busy-{f}" for f in range(10)] + [f"idle-{f}" for f in range(1, 991)]
+                flows = len(queue.depth_of_flows(conn, names, 60.0))
+            elif sql is None:
                 flows = len(queue.stats(conn, None, completed=False))
             else:
                 flows = len(conn.execute(sql).fetchall())
@@ -593,7 +600,9 @@ def many_flows(pg: ThrowawayPostgres, full: bool) -> None:
         f"{claim_buffers(lone, 'busy-1', 10)} / {claim_buffers(crowd, 'busy-1', 10)}",
     )
     for label, sql in DEPTH_QUERIES.items():
-        took, flows = depth_read(crowd, sql, 5)
+        took, flows = depth_read(
+            crowd, label if sql is None and label == OPERATOR_DEPTH else sql, 5
+        )
         common.row(f"depth of all {flows} flows: {label} (ms)", f"{took * 1e3:.1f}")
 
 

@@ -8,21 +8,24 @@ summary (time to first pod Ready, to first record done, peak replicas, drain tim
 killed pod's records and how long until they were pending again, duplicate
 executions, time back to zero).
 
-Who scales: with ``--operator-cmd`` the operator does (the command runs with KUBECONFIG,
-DEMO_NAMESPACE, DEMO_DSN and DEMO_SECRET in its environment, in the background if it
-keeps running, e.g. ``flowfleet operator`` or a ``helm install``), and
-``--flow-manifest`` (a DistributedFlow; ``${DEMO_NAMESPACE}`` and ``${DEMO_SECRET}`` in
-it are replaced) is applied, or without one the demo's own (``distributed_flow()``); pods
-are found by ``--pod-selector``. Without ``--operator-cmd`` a stand-in scaler in this
-script does the operator's job crudely (replicas = depth / per-replica, capped, to zero
-after a delay), so the node, the workers and the queue can be shown and measured
-before the operator exists.
+Who scales: by default the real operator, INSTALLED BY THE HELM CHART (charts/flowfleet,
+helm from hack/helm/helm.sh): its Deployment runs on the local node as a real pod
+(`flowfleet operator` under the chart's ServiceAccount; the chart's ``httpPort`` is set to a
+free local port, since every pod here shares the machine's network). Then the demo's
+DistributedFlow (``distributed_flow()``, the seed's survey processor) is applied.
 
-    .venv/bin/python hack/demo_k8s.py                          # stand-in scaler
+With ``--operator-cmd`` the operator runs as that command instead (with KUBECONFIG,
+DEMO_NAMESPACE, DEMO_DSN and DEMO_SECRET in its environment, in the background if it keeps
+running, e.g. ``flowfleet operator``), and ``--flow-manifest`` (a DistributedFlow;
+``${DEMO_NAMESPACE}`` and ``${DEMO_SECRET}`` in it are replaced) is applied, or without
+one the demo's own. ``--stand-in`` replaces the operator with a crude scaler in this script
+(replicas = depth / per-replica, capped, to zero after a delay), to show the node, the
+workers and the queue alone.
+
+    .venv/bin/python hack/demo_k8s.py                          # the chart's operator pod
     .venv/bin/python hack/demo_k8s.py --records 2000 --keep    # leave it all running
     .venv/bin/python hack/demo_k8s.py --operator-cmd ".venv/bin/flowfleet operator"
-    .venv/bin/python hack/demo_k8s.py --operator-cmd "hack/helm/helm.sh install ff \\
-        charts/flowfleet -n flowfleet --create-namespace --wait"   # operator pod on the node
+    .venv/bin/python hack/demo_k8s.py --stand-in               # no operator at all
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from kubernetes import client, config, utils
 
 from flowfleet import queue
 from flowfleet.migrate import migrate
-from flowfleet.throwaway import ThrowawayPostgres
+from flowfleet.throwaway import ThrowawayPostgres, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "hack" / "controlplane" / "cluster.sh"
@@ -56,6 +59,11 @@ NODE_SH = REPO / "hack" / "localnode" / "node.sh"
 FLOW = "survey_processor"
 SECRET = "queue-db"  # noqa: S105 - the Secret's name, not a secret
 STAND_IN_SELECTOR = f"flowfleet.io/flow={FLOW}"
+# The operator's worker pods (operator/flowfleet_operator/manifests.py labels).
+OPERATOR_SELECTOR = "app.kubernetes.io/instance=survey-processor,app.kubernetes.io/component=worker"
+HELM_SH = REPO / "hack" / "helm" / "helm.sh"
+CHART = REPO / "charts" / "flowfleet"
+OPERATOR_NAMESPACE = "flowfleet-system"
 ROW = "{:>6} {:>5} {:>4} {:>8} {:>10} {:>9} {:>8}"
 EFFECTS_DDL = "CREATE TABLE IF NOT EXISTS demo_effects (record_key text NOT NULL)"
 
@@ -287,10 +295,37 @@ def distributed_flow(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def apply_flow(st: Stack, args: argparse.Namespace) -> None:
+    kubectl = ["bash", str(CLUSTER_SH), "kubectl", "-n", st.namespace]
+    if args.flow_manifest:
+        text = Path(args.flow_manifest).read_text()
+        for key in ("DEMO_NAMESPACE", "DEMO_SECRET"):
+            text = text.replace("${" + key + "}", st.env[key])
+    else:
+        text = json.dumps(distributed_flow(args))
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as manifest:
+        manifest.write(text)
+    run([*kubectl, "apply", "-f", manifest.name], st.env)
+
+
+def install_chart(st: Stack) -> None:
+    """`helm install` the chart; the local node runs its operator pod. ``--wait``: until
+    that pod is Ready (its /healthz on the mapped port)."""
+    started = time.monotonic()
+    say("operator: helm install charts/flowfleet (its pod runs on the local node)")
+    helm = ["bash", str(HELM_SH), "--kubeconfig", str(st.kubeconfig)]
+    release = ["install", "flowfleet", str(CHART), "-n", OPERATOR_NAMESPACE, "--create-namespace"]
+    values = ["--set", f"httpPort={free_port()}", "--set", "logFormat=text"]
+    run([*helm, *release, *values, "--wait", "--timeout", "180s"], st.env, timeout=240)
+    pods: Any = st.core.list_namespaced_pod(OPERATOR_NAMESPACE).items
+    names = ", ".join(f"{p.metadata.name} on {p.spec.node_name}" for p in pods)
+    say(f"operator pod Ready in {time.monotonic() - started:.1f}s: {names}")
+
+
 @contextmanager
 def scaler(st: Stack, args: argparse.Namespace) -> Iterator[str]:
     """Starts whoever scales; yields the label selector of the worker pods."""
-    if not args.operator_cmd:
+    if args.stand_in:
         utils.create_from_dict(
             st.api, stand_in_deployment(args.work_seconds), namespace=st.namespace
         )
@@ -300,6 +335,11 @@ def scaler(st: Stack, args: argparse.Namespace) -> Iterator[str]:
             yield STAND_IN_SELECTOR
         finally:
             stand_in.stop()
+        return
+    if not args.operator_cmd:
+        install_chart(st)
+        apply_flow(st, args)
+        yield args.pod_selector or OPERATOR_SELECTOR
         return
     log = (st.state_dir / "operator.log").open("ab")
     operator = subprocess.Popen(
@@ -313,16 +353,8 @@ def scaler(st: Stack, args: argparse.Namespace) -> Iterator[str]:
         kubectl = ["bash", str(CLUSTER_SH), "kubectl", "-n", st.namespace]
         # The CRD, unless the command installed it already (helm does): apply is idempotent.
         run([*kubectl, "apply", "-f", str(REPO / "crds" / "distributedflow.yaml")], st.env)
-        if args.flow_manifest:
-            text = Path(args.flow_manifest).read_text()
-            for key in ("DEMO_NAMESPACE", "DEMO_SECRET"):
-                text = text.replace("${" + key + "}", st.env[key])
-        else:
-            text = json.dumps(distributed_flow(args))
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as manifest:
-            manifest.write(text)
-        run([*kubectl, "apply", "-f", manifest.name], st.env)
-        yield args.pod_selector
+        apply_flow(st, args)
+        yield args.pod_selector or OPERATOR_SELECTOR
     finally:
         if operator.poll() is None:
             operator.terminate()
@@ -339,6 +371,7 @@ def scaler(st: Stack, args: argparse.Namespace) -> Iterator[str]:
 @dataclass
 class Summary:
     records: int
+    first_scale_up_s: float | None = None
     first_pod_ready_s: float | None = None
     first_record_done_s: float | None = None
     peak_replicas: int = 0
@@ -370,6 +403,15 @@ def ready_pods(st: Stack, selector: str) -> tuple[list[str], int]:
     return sorted(ready), len(pods)
 
 
+def scaled_up(st: Stack) -> bool:
+    """The worker Deployment asks for pods (whoever scales it)."""
+    try:
+        scale = st.apps.read_namespaced_deployment_scale("survey-processor", st.namespace)
+    except client.ApiException:
+        return False  # not created yet
+    return bool(scale.spec and scale.spec.replicas)
+
+
 def burst(st: Stack, selector: str, args: argparse.Namespace) -> Summary:
     summary = Summary(records=args.records)
     conn = psycopg.connect(st.dsn, autocommit=True)
@@ -391,6 +433,8 @@ def burst(st: Stack, selector: str, args: argparse.Namespace) -> Summary:
             )
             completed = counts.get("completed_records", 0)
             summary.peak_replicas = max(summary.peak_replicas, len(ready))
+            if summary.first_scale_up_s is None and scaled_up(st):
+                summary.first_scale_up_s = now - t0
             if ready and summary.first_pod_ready_s is None:
                 summary.first_pod_ready_s = now - t0
             if completed and summary.first_record_done_s is None:
@@ -455,6 +499,7 @@ def report(summary: Summary) -> None:
 
     print()
     line("records", f"{summary.records} (completed {summary.completed}, failed {summary.failed})")
+    line("first scale-up", secs(summary.first_scale_up_s))
     line("first pod Ready", secs(summary.first_pod_ready_s))
     line("first record done", secs(summary.first_record_done_s))
     line("peak replicas (Ready)", summary.peak_replicas)
@@ -478,27 +523,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--work-seconds", type=float, default=0.002, help="per record (stand-in workers)"
     )
-    parser.add_argument(
-        "--per-replica", type=int, default=2_500, help="stand-in: live records per replica"
-    )
-    parser.add_argument("--max-replicas", type=int, default=4, help="stand-in: cap")
-    parser.add_argument(
-        "--scale-down-delay", type=float, default=5.0, help="stand-in: idle seconds before zero"
-    )
+    parser.add_argument("--per-replica", type=int, default=2_500, help="recordsPerReplica")
+    parser.add_argument("--max-replicas", type=int, default=4, help="maxReplicas")
+    parser.add_argument("--scale-down-delay", type=float, default=5.0, help="scaleDownDelaySeconds")
     parser.add_argument(
         "--kill-at", type=float, default=0.3, help="force-delete a pod once this share is done"
     )
     parser.add_argument("--timeout", type=float, default=150.0)
     parser.add_argument("--print-every", type=float, default=1.0)
     parser.add_argument(
-        "--operator-cmd", help="start the operator with this command instead of the stand-in"
+        "--operator-cmd", help="run the operator as this command instead of the chart's pod"
+    )
+    parser.add_argument(
+        "--stand-in", action="store_true", help="no operator: a crude scaler in this script"
     )
     parser.add_argument(
         "--flow-manifest", help="DistributedFlow to apply after the operator starts"
     )
-    parser.add_argument(
-        "--pod-selector", default=STAND_IN_SELECTOR, help="label selector of the worker pods"
-    )
+    parser.add_argument("--pod-selector", help="label selector of the worker pods")
     parser.add_argument("--state-dir", type=Path, default=REPO / ".demo-k8s")
     parser.add_argument(
         "--keep", action="store_true", help="leave cluster, node and PostgreSQL running"

@@ -17,3 +17,14 @@ def survey_with_effect(payload: dict[str, Any], conn: psycopg.Connection) -> dic
     time.sleep(float(os.environ.get("DEMO_WORK_SECONDS", "0.002")))
     conn.execute(f"INSERT INTO {EFFECTS_TABLE} (record_key) VALUES (%s)", (str(payload["n"]),))
     return {"survey_id": payload.get("survey_id"), "score": len(str(payload))}
+
+
+def loop_effect(payload: dict[str, Any], conn: psycopg.Connection) -> None:
+    """For the end-to-end loop tests: one row per execution, in the transaction that
+    completes the record (so a fenced-off late completion leaves none), naming the pod.
+    Takes ``payload["sleep"]`` seconds, else DEMO_WORK_SECONDS."""
+    conn.execute(
+        "INSERT INTO loop_effects (k, pod) VALUES (%s, %s)",
+        (str(payload["k"]), os.environ.get("POD_NAME", "")),
+    )
+    time.sleep(float(payload.get("sleep", os.environ.get("DEMO_WORK_SECONDS", "0.01"))))

@@ -281,3 +281,5 @@ def make_namespace(api: Any) -> Iterator[Callable[[], str]]:
 
 # The local node (pods that really run) and its helpers live beside this file.
 from .localnode_fixtures import local_node, localnode_pg  # noqa: E402, F401
+from .loop_fixtures import loop, loop_prefect  # noqa: E402, F401  (the whole-loop scenarios)
+from .operator_fixtures import *  # noqa: E402, F403  (the operator tests' fixtures)

@@ -79,8 +79,7 @@ def test_crd_is_established_with_its_names(control_plane: ControlPlane, api: Any
     assert "distributedflows" in out and "dflow" in out and "DistributedFlow" in out
     resources = json.loads(control_plane.kubectl("get", "--raw", f"/apis/{GROUP}/{VERSION}").stdout)
     names_served = {r["name"] for r in resources["resources"]}
-    assert {"distributedflows", "distributedflows/status"} <= names_served
-    assert "distributedflows/scale" not in names_served
+    assert {"distributedflows", "distributedflows/status", "distributedflows/scale"} <= names_served
 
 
 def test_create_applies_schema_defaults(objs: Any, namespace: str) -> None:
@@ -88,7 +87,10 @@ def test_create_applies_schema_defaults(objs: Any, namespace: str) -> None:
     spec = objs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "orders")["spec"]
     assert spec["flowName"] == "ingest-orders"
     assert spec["runner"] == "prefect"
-    assert spec["database"] == {"secretRef": {"name": "orders-db", "key": "connection-string"}}
+    assert spec["database"] == {
+        "secretRef": {"name": "orders-db", "key": "connection-string"},
+        "migrate": True,
+    }
     assert {
         k: spec[k]
         for k in (

@@ -132,7 +132,10 @@ def test_prefect_runner_drains_the_queue_and_reports_to_prefect(
     batches = settled_task_runs(
         runs, "process-records", total // 25, lambda t: t.state is not None and t.state.is_final()
     )
-    assert all(is_completed(t) for t in batches), [t.state for t in batches]
+    # The first claims complete; a batch of retried poison records alone fails whole.
+    states = [(t.state.type.value, t.state.name) for t in batches if t.state]
+    assert set(states) <= {("COMPLETED", "Completed"), ("FAILED", "RecordsFailed")}, states
+    assert states.count(("COMPLETED", "Completed")) >= total // 25, states
 
 
 def test_prefect_task_processor_gets_a_task_run_per_record(

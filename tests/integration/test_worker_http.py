@@ -70,7 +70,9 @@ def test_probes_and_metrics(fleet: Fleet, dsn: str, conn: psycopg.Connection) ->
         ("flowfleet_records_completed_total", ()): good,
         ("flowfleet_records_failed_total", ()): len(poison),
         ("flowfleet_records_retried_total", ()): len(poison),
-        ("flowfleet_records_claimed_total", ()): total + len(poison),
+        # First attempts as claimed, the retries' claims apart: a record counts once.
+        ("flowfleet_records_claimed_total", ()): total,
+        ("flowfleet_records_reclaimed_total", ()): len(poison),
         ("flowfleet_records_in_flight", ()): 0,
         ("flowfleet_queue_depth", (("status", "pending"),)): 0,
         ("flowfleet_queue_depth", (("status", "failed"),)): len(poison),

@@ -37,6 +37,8 @@ CRD_FIELDS = {
     "recordsPerReplica": defaults.RECORDS_PER_REPLICA,
     "scaleDownDelaySeconds": defaults.SCALE_DOWN_DELAY_SECONDS,
     "pollIntervalSeconds": defaults.POLL_INTERVAL_SECONDS,
+    "gracePeriodSeconds": defaults.GRACE_SECONDS,
+    "environment": defaults.ENVIRONMENT,
 }
 
 WORKER_FIELDS = {
@@ -66,6 +68,20 @@ def test_worker_settings_defaults_match_the_defaults_module() -> None:
     fields = WorkerSettings.model_fields
     found = {name: fields[name].get_default() for name in WORKER_FIELDS}
     assert found == WORKER_FIELDS
+
+
+def test_operator_model_defaults_match_the_crd() -> None:
+    """The operator reads a spec the API server defaulted; its own defaults (for specs read
+    before defaulting, e.g. in tests) are the CRD's."""
+    from flowfleet_operator.model import FlowSpec
+
+    props = _spec_properties()
+    fields = {f.alias: f.get_default() for f in FlowSpec.model_fields.values() if f.alias}
+    for name, value in CRD_FIELDS.items():
+        assert fields[name] == value == props[name]["default"], name
+    assert props["database"]["properties"]["migrate"]["default"] is True
+    assert FlowSpec.model_fields["database"].annotation is not None
+    assert "default" not in props["replicas"]  # unset means autoscaling
 
 
 def test_python_api_defaults_match_the_defaults_module(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -185,9 +185,15 @@ def _fail(
     )
     if status == "pending":
         outcome.retried += 1
+        log_retry(record, policy, message)
     elif status == "failed":
         outcome.failed += 1
-        log.warning("record %s failed for good: %s", record.id, message)
+        log.warning(
+            "record %s failed for good: %s",
+            record.id,
+            message,
+            extra={"record_id": record.id, "attempt": record.retry_count + 1},
+        )
     else:
         outcome.fenced += 1
 
@@ -198,3 +204,20 @@ def finish(conn: psycopg.Connection, outcome: BatchOutcome) -> list[int]:
         return []
     results = outcome.results if any(r is not None for r in outcome.results) else None
     return queue.complete(conn, outcome.completed, results)
+
+
+def log_retry(record: queue.Claimed, policy: queue.RetryPolicy, message: str) -> None:
+    """One line per retry, with what an operator filters on as fields: the record, which
+    attempt failed, and the backoff before it runs again (the queue takes a random part,
+    up to half, off it, so a burst of failures does not retry together)."""
+    attempt = record.retry_count + 1
+    delay = min(policy.backoff_cap, policy.backoff_base * 2 ** min(record.retry_count, 60))
+    log.info(
+        "record %s: attempt %d of %d failed (%s); retrying in at most %.3gs",
+        record.id,
+        attempt,
+        policy.max_retries + 1,
+        message,
+        delay,
+        extra={"record_id": record.id, "attempt": attempt, "delay": delay},
+    )

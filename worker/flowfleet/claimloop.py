@@ -236,7 +236,7 @@ class ClaimLoop:
     def _hold_in_flight(self, batch: list[queue.Claimed]) -> None:
         """Hold a fresh claim in flight: from now on the lease keeper renews it."""
         if batch:
-            self.metrics.claimed.inc(len(batch))
+            self.metrics.count_claims(batch)
             self.in_flight.hold(batch)
             self.metrics.in_flight.inc(len(batch))
 
@@ -249,7 +249,7 @@ class ClaimLoop:
         m.retried.inc(outcome.retried)
         m.failed.inc(outcome.failed)
         m.fenced.inc(outcome.fenced)
-        m.released.inc(len(outcome.unprocessed))
+        m.count_released([r.id for r in outcome.unprocessed])
 
     def _connection_lost(self, exc: BaseException) -> bool:
         if isinstance(exc, DatabaseUnavailableError):
@@ -273,7 +273,7 @@ class ClaimLoop:
                 len(released),
             )
         self.metrics.completed.inc(len(completed))
-        self.metrics.released.inc(len(released))
+        self.metrics.count_released(released)
 
     def _settle_now(self) -> None:
         """Settle the batch in hand on a connection of the pool, if the database answers;

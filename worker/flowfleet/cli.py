@@ -655,6 +655,13 @@ def worker(
         bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
     ] = False,
     log_format: Annotated[str, typer.Option(help="auto, json or text.")] = "auto",
+    log_level: Annotated[
+        str | None,
+        typer.Option(
+            help="debug, info, warning, error or critical; for flowfleet, the processor"
+            " and Prefect alike (default info)."
+        ),
+    ] = None,
     dsn: DsnOption = None,
     db: DbOption = None,
 ) -> None:
@@ -685,11 +692,12 @@ def worker(
                 "record_timeout_seconds": record_timeout_seconds,
                 "max_batch_bytes": max_batch_bytes,
                 "exit_when_empty": exit_when_empty,
+                "log_level": log_level,
             },
         )
         processor = entrypoints.load(settings.entrypoint)
         me = instance_id()
-        logs.configure(flow, me, log_format)
+        logs.configure(flow, me, log_format, settings.log_level)
         try:
             code = Worker(settings, database(dsn, db), processor, me).run()
         except OSError as exc:
@@ -700,6 +708,16 @@ def worker(
                 "machine?): give each worker its own --http-port, or --http-port 0 for none"
             )
     raise typer.Exit(code)
+
+
+@app.command()
+def operator() -> None:
+    """Run the DistributedFlow operator (settings from FLOWFLEET_OPERATOR_* env)."""
+    try:
+        from flowfleet_operator.main import run
+    except ImportError as exc:
+        fail(f"the operator needs the operator extra: pip install 'flowfleet[operator]' ({exc})")
+    run()
 
 
 def main() -> None:

@@ -124,6 +124,19 @@ def pooler_setting() -> bool | None:
     raise DatabaseConfigError(f"{POOLER_ENV}={value!r}: expected 1, 0 or auto")
 
 
+def configure_connection(conn: psycopg.Connection) -> bool:
+    """For code that opens its own connections (the operator): through a transaction
+    pooler, no server-side prepared statements and no session setup; direct, the session
+    setup. Returns whether a pooler answered."""
+    forced = pooler_setting()
+    pooled = behind_pooler(conn) if forced is None else forced
+    if pooled:
+        conn.prepare_threshold = None
+    else:
+        _configure(conn)
+    return pooled
+
+
 def behind_pooler(conn: psycopg.Connection) -> bool:
     """Whether ``conn`` reaches PostgreSQL through a pooler. The backend pid a client is
     told at connect (in BackendKeyData) is PgBouncer's own random cancel key when a pooler

@@ -10,11 +10,13 @@ registered with ``@register_processor(flow_name)``, or the ``entrypoint`` settin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import psycopg
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 
 from flowfleet import defaults, queue
 from flowfleet.batch import BatchOutcome, finish
@@ -59,14 +61,50 @@ def _invoke_under_prefect(processor: Processor) -> Callable[..., Any]:
     return processor.call if processor.kind in {"task", "flow"} else processor.fn
 
 
+# The state of a `process-records` task run whose every record failed (for good or to be
+# retried): of type FAILED, so Prefect's UI, filters and notifications show the batch as
+# failed; named apart from a task run that raised.
+ALL_FAILED = "RecordsFailed"
+
+
 @task(name="process-records", cache_policy=NO_CACHE, persist_result=False)
-def process_records(record_ids: list[int], job: BatchJob) -> BatchOutcome:
+def process_records(record_ids: list[int], job: BatchJob) -> BatchOutcome | State:
     """One task run per batch: per-record outcomes go to the queue and the run's log.
-    ``record_ids`` only labels the run; the records come in ``job``."""
+    ``record_ids`` only labels the run; the records come in ``job``. Ends in a
+    ``RecordsFailed`` state (type FAILED) when no record succeeded and every one failed."""
     outcome = job.run(call=_invoke_under_prefect(job.processing.processor))
-    logger = get_run_logger()
-    logger.info("batch of %d: %s", len(record_ids), outcome.counts())
+    counts = outcome.counts()
+    get_run_logger().info(
+        "batch of %d: %d completed, %d retried, %d failed",
+        len(record_ids),
+        counts["completed"],
+        counts["retried"],
+        counts["failed"],
+        extra=counts,
+    )
+    if all_failed(outcome):
+        return Failed(
+            name=ALL_FAILED,
+            message=f"all {outcome.claimed} records failed: {outcome.failed} for good, "
+            f"{outcome.retried} to be retried",
+        )
     return outcome
+
+
+def all_failed(outcome: BatchOutcome) -> bool:
+    return outcome.claimed > 0 and outcome.failed + outcome.retried == outcome.claimed
+
+
+def run_process_records(job: BatchJob) -> BatchOutcome:
+    """Run ``process-records`` on ``job`` and return its outcome, whatever the task run's
+    state says about it; an error the task raised is raised here."""
+    progress = job.progress if job.progress is not None else BatchOutcome()
+    if job.progress is None:
+        job = replace(job, progress=progress)
+    state = process_records([r.id for r in job.records], job, return_state=True)
+    if state.is_failed() and state.name != ALL_FAILED:
+        state.result()  # raises what the task raised
+    return progress
 
 
 @flow(name="distributed-processing", persist_result=False, validate_parameters=False)
@@ -99,7 +137,7 @@ def _process(
     if not records:
         return BatchOutcome().counts()
     job = Processing(processor, policy, instance_id).job(conn, records)
-    outcome = process_records([r.id for r in records], job)
+    outcome = run_process_records(job)
     counts = outcome.counts()
     fenced = len(outcome.completed) - len(finish(conn, outcome))
     counts["completed"] -= fenced

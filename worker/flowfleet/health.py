@@ -41,9 +41,15 @@ def liveness(facts: LivenessFacts) -> CheckResult:
     return True, "ok"
 
 
-def readiness(stopping: bool, schema_version: Callable[[], int], needed: int) -> CheckResult:
+def readiness(
+    stopping: bool,
+    schema_version: Callable[[], int],
+    needed: int,
+    prefect_api: Check | None = None,
+) -> CheckResult:
     """``schema_version`` reads the queue database's version; it raises
-    DatabaseUnavailableError when the database does not answer."""
+    DatabaseUnavailableError when the database does not answer. ``prefect_api`` (the
+    Prefect runner's) answers from its last health check of the Prefect API."""
     if stopping:
         return False, "stopping"
     try:
@@ -52,4 +58,8 @@ def readiness(stopping: bool, schema_version: Callable[[], int], needed: int) ->
         return False, str(exc)
     if version < needed:
         return False, f"schema at version {version}, need {needed}"
+    if prefect_api is not None:
+        ok, why = prefect_api()
+        if not ok:
+            return False, why
     return True, "ok"

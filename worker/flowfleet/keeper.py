@@ -50,6 +50,8 @@ class LeaseKeeper:
         self.finished = finished
         self.queue_depth = queue_depth
         self.last_tick = time.monotonic()
+        # Whether this keeper's session holds the flow's depth-reporting lock.
+        self.reports_depth = False
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -78,6 +80,7 @@ class LeaseKeeper:
             except (psycopg.Error, DatabaseUnavailableError) as exc:
                 log.warning("lease keeper: %s", self.describe_outage(exc))
                 conn = None
+                self.reports_depth = False  # the lock went with the session
         if conn is not None:
             conn.close()
 
@@ -107,6 +110,11 @@ class LeaseKeeper:
         # The live queue only: every worker samples it every few seconds, and counting
         # the ever-growing history that often would cost more than the work it watches.
         flow = self.settings.flow_name
+        if not self.reports_depth:
+            self.reports_depth = queue.take_depth_reporting(conn, flow)
+        if not self.reports_depth:
+            self.queue_depth.clear()  # another worker of the flow exports it
+            return
         counts = queue.stats(conn, flow, completed=False).get(flow, {})
         for status in ("pending", "processing", "failed"):
             self.queue_depth.labels(flow, status).set(counts.get(f"{status}_records", 0))

@@ -1,16 +1,69 @@
-"""Prometheus metrics of one worker process."""
+"""Prometheus metrics of one worker process: the flow's record counters, and the standard
+``process_*`` and ``python_*`` series of the process."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+# A `_created` series per counter doubles what Prometheus stores and says nothing an
+# operator asks about (process_start_time_seconds tells when counting began).
+disable_created_metrics()
+
+
+class ClaimedRecord(Protocol):
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def retry_count(self) -> int: ...
+
+
+# Ids of records this process handed back, remembered so that claiming one again counts
+# as a re-claim; bounded, the oldest forgotten first.
+HANDED_BACK_REMEMBERED = 100_000
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """``process_*`` (CPU, memory, open files, start time) and ``python_*`` (version, GC)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 class WorkerMetrics:
     def __init__(self, flow_name: str) -> None:
         self.registry = CollectorRegistry()
+        add_process_collectors(self.registry)
+        self._lock = threading.Lock()
+        self._handed_back: OrderedDict[int, bool] = OrderedDict()
         labels = ["flow"]
         self.claimed = Counter(
-            "flowfleet_records_claimed", "Records claimed.", labels, registry=self.registry
+            "flowfleet_records_claimed",
+            "Records claimed for their first attempt (a retry's claim counts in"
+            " flowfleet_records_reclaimed; a record released and claimed again counts again,"
+            " and in flowfleet_records_released).",
+            labels,
+            registry=self.registry,
+        ).labels(flow_name)
+        self.reclaimed = Counter(
+            "flowfleet_records_reclaimed",
+            "Claims of records on a retry.",
+            labels,
+            registry=self.registry,
         ).labels(flow_name)
         self.completed = Counter(
             "flowfleet_records_completed", "Records completed.", labels, registry=self.registry
@@ -35,7 +88,7 @@ class WorkerMetrics:
         ).labels(flow_name)
         self.released = Counter(
             "flowfleet_records_released",
-            "Claimed records handed back unprocessed (shutdown).",
+            "Claimed records handed back unprocessed (shutdown, or a claim loop error).",
             labels,
             registry=self.registry,
         ).labels(flow_name)
@@ -58,3 +111,26 @@ class WorkerMetrics:
             ["flow", "status"],
             registry=self.registry,
         )
+
+    def count_claims(self, batch: Sequence[ClaimedRecord]) -> None:
+        """Count a fresh claim: first attempts as claimed; retries, and records this
+        process handed back and took again, as reclaimed. So claimed is not inflated by
+        the same record coming back (a claim loop that keeps failing on one batch)."""
+        with self._lock:
+            again = 0
+            for record in batch:
+                if record.retry_count > 0:
+                    again += 1
+                elif self._handed_back.pop(record.id, None) is not None:
+                    again += 1
+        self.claimed.inc(len(batch) - again)
+        self.reclaimed.inc(again)
+
+    def count_released(self, ids: Sequence[int]) -> None:
+        """Count records handed back unprocessed, and remember them for count_claims."""
+        self.released.inc(len(ids))
+        with self._lock:
+            for record_id in ids:
+                self._handed_back[record_id] = True
+            while len(self._handed_back) > HANDED_BACK_REMEMBERED:
+                self._handed_back.popitem(last=False)

@@ -602,3 +602,34 @@ def release_instance_everywhere(conn: psycopg.Connection, instance_id: str) -> l
     retry spent (``flowfleet cleanup --instance``); returns the ids."""
     cur = conn.execute(query("release_instance_everywhere"), {"instance_id": instance_id})
     return [row[0] for row in cur.fetchall()]
+
+
+def take_depth_reporting(conn: psycopg.Connection, flow_name: str) -> bool:
+    """Whether this session now reports the flow's queue depth (ask once per session:
+    the lock is re-entrant, so a second yes would only stack it)."""
+    row = conn.execute(query("take_depth_reporting"), {"flow_name": flow_name}).fetchone()
+    return bool(row and row[0])
+
+
+@dataclass(frozen=True)
+class FlowDepth:
+    """One flow's live queue, as the operator scales on it."""
+
+    pending: int
+    ready: int
+    processing: int
+    failed: int
+    busy_instances: int
+    completed_recently: int
+
+
+def depth_of_flows(
+    conn: psycopg.Connection, flow_names: Sequence[str], window_seconds: float
+) -> dict[str, FlowDepth]:
+    """Depth of every named flow in one statement (flows with no records read as zero);
+    ``completed_recently`` counts completions within the last ``window_seconds``."""
+    rows = conn.execute(
+        query("depth_of_flows"),
+        {"flow_names": list(flow_names), "window_seconds": window_seconds},
+    ).fetchall()
+    return {row[0]: FlowDepth(*(int(v) for v in row[1:])) for row in rows}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from flowfleet import defaults
 from flowfleet.config import ConfigManager
@@ -36,6 +36,7 @@ ENV_KEYS = {
     "retry_backoff_seconds": "retry_backoff_seconds",
     "retry_backoff_max_seconds": "retry_backoff_max_seconds",
     "max_batch_bytes": "worker_max_batch_bytes",
+    "log_level": "worker_log_level",
 }
 
 
@@ -73,11 +74,17 @@ class WorkerSettings(BaseModel):
     retry_backoff_max_seconds: float = Field(
         defaults.RETRY_BACKOFF_MAX_SECONDS, ge=0, le=7 * DAY, allow_inf_nan=False
     )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     exit_when_empty: bool = False
     # A worker holds a claimed batch in memory: about batch_size times the payload size
     # (several times the JSON text, once parsed). This bounds a batch by the payloads'
     # JSON bytes instead; None: batch_size alone bounds it.
     max_batch_bytes: int | None = Field(None, ge=1)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def heartbeat_seconds(self) -> float:

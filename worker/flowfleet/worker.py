@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from http.server import ThreadingHTTPServer
 
 from flowfleet import queue
 from flowfleet.batchjob import Processing
@@ -35,6 +36,7 @@ from flowfleet.lifecycle import (
 )
 from flowfleet.metrics import WorkerMetrics
 from flowfleet.migrate import current_version
+from flowfleet.prefect_api import PrefectApi
 from flowfleet.settings import WorkerSettings
 from flowfleet.sql import latest_version
 from flowfleet.wakeups import WakeUps, wake_on_enqueues
@@ -50,7 +52,10 @@ def make_runner(settings: WorkerSettings, processing: Processing) -> Runner:
 
         return PlainRunner(processing)
     # Imported only here: the plain runner should not pay Prefect's import time.
+    from flowfleet.logs import adopt_prefect_loggers
     from flowfleet.prefect_runner import PrefectRunner
+
+    adopt_prefect_loggers()
 
     return PrefectRunner(settings.flow_name, processing, settings.flow_run_seconds)
 
@@ -74,6 +79,8 @@ class Worker:
         self.finished = threading.Event()
         # Non-zero once a claim loop has ended for good: the process stops and says so.
         self.exit_code = 0
+        # The Prefect runner's API: said at start-up, checked for /readyz.
+        self.prefect_api = PrefectApi() if settings.runner == "prefect" else None
         processing = Processing(
             processor,
             queue.RetryPolicy(
@@ -154,17 +161,24 @@ class Worker:
             with self.db.connection(timeout=2.0) as conn:
                 return current_version(conn)
 
-        return readiness(self.shutdown.requested.is_set(), schema_version, latest_version())
+        return readiness(
+            self.shutdown.requested.is_set(),
+            schema_version,
+            latest_version(),
+            self.prefect_api.check if self.prefect_api is not None else None,
+        )
 
     # -- main -----------------------------------------------------------------------
 
     def run(self, install_signals: bool = True) -> int:
         if install_signals:
             stop_on_signals(self.shutdown)
-        server = None
+        server: ThreadingHTTPServer | None = None
         if self.settings.http_port:
             checks = {"healthz": self.alive, "readyz": self.ready}
             server = serve(self.settings.http_port, checks, self.metrics.registry)
+        if self.prefect_api is not None:
+            self.prefect_api.connect(self.shutdown.requested)
         if not wait_for_database(self.db.connection, self.shutdown.requested):
             return 0
         release_previous_claims(
@@ -206,6 +220,8 @@ class Worker:
         self.finished.set()
         if server is not None:
             server.shutdown()
+        if self.prefect_api is not None:
+            self.prefect_api.close()
         log.info("worker stopped")
         return self.exit_code
 

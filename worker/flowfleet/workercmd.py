@@ -26,6 +26,7 @@ OPTIONS = frozenset(
         "max_batch_bytes",
         "exit_when_empty",
         "log_format",
+        "log_level",
         "dsn",
         "db",
     }

@@ -430,3 +430,47 @@ UPDATE processing_queue
        lease_expires_at = NULL, claimed_at = NULL, updated_at = (now() AT TIME ZONE 'UTC')
  WHERE status = 'processing' AND flow_instance_id = %(instance_id)s
 RETURNING id;
+
+-- name: take_depth_reporting
+-- One worker per flow and database exports flowfleet_queue_depth, so that summing it over
+-- pods does not multiply it: the one whose session holds this lock. It goes with the
+-- session (a worker that stops or loses its connection), and the next to ask takes it.
+SELECT pg_try_advisory_lock(hashtext('flowfleet_queue_depth'), hashtext(%(flow_name)s));
+
+-- name: depth_of_flows
+-- The operator's tick: every flow it scales on one database, in one statement. The live
+-- queue holds only unfinished work; recent completions come from history through its
+-- (flow_name, completed_at) index, and busy instances from the in-flight rows alone.
+WITH counts AS (
+    SELECT flow_name,
+           count(*) FILTER (WHERE status = 'pending') AS pending_records,
+           count(*) FILTER (WHERE status = 'pending' AND available_at <= (now() AT TIME ZONE 'UTC'))
+               AS ready_records,
+           count(*) FILTER (WHERE status = 'processing') AS processing_records,
+           count(*) FILTER (WHERE status = 'failed') AS failed_records
+      FROM processing_queue
+     WHERE flow_name = ANY(%(flow_names)s::text[])
+     GROUP BY flow_name
+), busy AS (
+    SELECT flow_name, count(DISTINCT flow_instance_id) AS busy_instances
+      FROM processing_queue
+     WHERE status = 'processing' AND flow_name = ANY(%(flow_names)s::text[])
+     GROUP BY flow_name
+), done AS (
+    SELECT flow_name, count(*) AS completed_recently
+      FROM processing_history
+     WHERE flow_name = ANY(%(flow_names)s::text[])
+       AND completed_at > (now() AT TIME ZONE 'UTC') - make_interval(secs => %(window_seconds)s::float8)
+     GROUP BY flow_name
+)
+SELECT f.flow_name,
+       coalesce(c.pending_records, 0) AS pending_records,
+       coalesce(c.ready_records, 0) AS ready_records,
+       coalesce(c.processing_records, 0) AS processing_records,
+       coalesce(c.failed_records, 0) AS failed_records,
+       coalesce(b.busy_instances, 0) AS busy_instances,
+       coalesce(d.completed_recently, 0) AS completed_recently
+  FROM unnest(%(flow_names)s::text[]) AS f(flow_name)
+  LEFT JOIN counts c USING (flow_name)
+  LEFT JOIN busy b USING (flow_name)
+  LEFT JOIN done d USING (flow_name);
