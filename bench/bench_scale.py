@@ -404,7 +404,7 @@ def measure_retention(dsn: str, history: int) -> dict[str, float]:
     each window with cleanup has a neighbour without it under the same machine load."""
     fill_history(dsn, history, days=30)
     size = history_bytes_per_million(dsn)
-    enqueue(dsn, "steady", 2_000_000)
+    enqueue(dsn, "steady", 2_000_000 if history > 2_000_000 else 1_000_000)
     stop, active, finished = threading.Event(), threading.Event(), threading.Event()
     counter = [0]
     batches: list[float] = []
@@ -659,7 +659,7 @@ def worker_connections(pg: ThrowawayPostgres, dsn: str, dbname: str, concurrency
     )
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(6)  # started, claimed (nothing), listening, keeper ticked
+        time.sleep(4)  # started, claimed (nothing), listening, keeper ticked
         return server_connections(pg.dsn(), dbname)
     finally:
         proc.send_signal(signal.SIGTERM)
