@@ -38,6 +38,7 @@ test-e2e: setup
 bench: setup
 	$(BIN)/python bench/bench_queue.py
 	$(BIN)/python bench/bench_worker.py
+	$(BIN)/python bench/bench_scale.py --quick
 	$(BIN)/python bench/bench_operator.py
 
 lint: setup

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 
 import psycopg
 
-from flowfleet import queue, sql
+from flowfleet import queue
+from flowfleet.database import configure_connection
 from flowfleet.errors import SchemaError
 from flowfleet.migrate import current_version, migrate
 from flowfleet.redaction import describe_dsn, redact
@@ -68,7 +69,7 @@ class Database:
 
     def _connect(self) -> psycopg.Connection:
         conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
-        conn.execute(sql.query("session_setup"))
+        configure_connection(conn)  # PgBouncer in transaction mode: nothing prepared
         return conn
 
     @contextmanager

@@ -16,7 +16,7 @@ import pytest
 
 from flowfleet.database import DatabaseManager
 from flowfleet.migrate import migrate
-from flowfleet.throwaway import ThrowawayPostgres
+from flowfleet.throwaway import ThrowawayPgBouncer, ThrowawayPostgres
 
 TEMPLATE = "flowfleet_template"
 _counter = itertools.count()
@@ -24,7 +24,8 @@ _counter = itertools.count()
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[ThrowawayPostgres]:
-    with ThrowawayPostgres() as server:
+    # Room for the 200 claim loops of test_pgbouncer_scale beside everything else.
+    with ThrowawayPostgres(max_connections=300) as server:
         with psycopg.connect(server.dsn(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
         with psycopg.connect(server.dsn(TEMPLATE), autocommit=True) as conn:
@@ -67,3 +68,17 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute("SET TIME ZONE 'UTC'")
         yield connection
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_server: ThrowawayPostgres) -> Iterator[ThrowawayPgBouncer]:
+    """PgBouncer in transaction mode in front of the session's server, with few server
+    connections per database, so that clients really share them."""
+    with ThrowawayPgBouncer(pg_server, pool_size=3) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def bouncer_dsn(dsn: str, pgbouncer: ThrowawayPgBouncer) -> str:
+    """This test's database (``dsn``), reached through PgBouncer."""
+    return pgbouncer.dsn(str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]))

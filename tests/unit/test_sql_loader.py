@@ -41,7 +41,7 @@ def test_queue_functions_cover_the_named_queries() -> None:
         "release_orphans",
         "stats_by_flow",
         "completed_by_flow",
-        "cleanup_completed",
+        "cleanup_completed_batch",
         "requeue_failed",
         "enqueue_from_staging",
         "notify",

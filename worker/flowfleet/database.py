@@ -102,6 +102,49 @@ def _configure(conn: psycopg.Connection) -> None:
     conn.execute(query("session_setup"))
 
 
+# FLOWFLEET_PGBOUNCER: "1" when the queue database is reached through a transaction pooler
+# (PgBouncer's pool_mode=transaction), "0" when it is not, unset or "auto" to detect it.
+POOLER_ENV = "FLOWFLEET_PGBOUNCER"
+# A direct connection (PostgreSQL itself, or PgBouncer in session mode) for LISTEN, which
+# a transaction pooler cannot carry.
+LISTEN_DSN_ENV = "FLOWFLEET_LISTEN_DSN"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def pooler_setting() -> bool | None:
+    """True or False when FLOWFLEET_PGBOUNCER says, None to detect."""
+    value = os.environ.get(POOLER_ENV, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    if value in ("", "auto"):
+        return None
+    raise DatabaseConfigError(f"{POOLER_ENV}={value!r}: expected 1, 0 or auto")
+
+
+def configure_connection(conn: psycopg.Connection) -> bool:
+    """For code that opens its own connections (the operator): through a transaction
+    pooler, no server-side prepared statements and no session setup; direct, the session
+    setup. Returns whether a pooler answered."""
+    forced = pooler_setting()
+    pooled = behind_pooler(conn) if forced is None else forced
+    if pooled:
+        conn.prepare_threshold = None
+    else:
+        _configure(conn)
+    return pooled
+
+
+def behind_pooler(conn: psycopg.Connection) -> bool:
+    """Whether ``conn`` reaches PostgreSQL through a pooler. The backend pid a client is
+    told at connect (in BackendKeyData) is PgBouncer's own random cancel key when a pooler
+    answers, and the server process's pid when PostgreSQL does."""
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    return row is not None and int(row[0]) != conn.info.backend_pid
+
+
 class _Registry:
     """One pool (or engine) per database name per process, shared by every DatabaseManager.
 
@@ -170,6 +213,10 @@ class _Registry:
 
 
 os.register_at_fork(after_in_child=_Registry.forget_inherited)
+
+# Connection string -> reached through a transaction pooler (detected by ``_probe``).
+# Single assignments of immutable values: no lock needed, and a fork may keep them.
+_detected: dict[str, bool] = {}
 
 
 class DatabaseManager:
@@ -242,8 +289,8 @@ class DatabaseManager:
                     self._dsn,
                     min_size=1,
                     max_size=max(1, self.pool_max_size),
-                    kwargs={"autocommit": True},
-                    configure=_configure,
+                    kwargs={"autocommit": True, **self._pooler_kwargs()},
+                    configure=self._configure,
                     name=self.name,
                     open=False,
                     timeout=30.0,
@@ -274,13 +321,65 @@ class DatabaseManager:
             raise self.unavailable(exc) from None
 
     def connect(self, **kwargs: Any) -> psycopg.Connection:
-        """A dedicated connection outside the pool (LISTEN, long-lived worker loops)."""
+        """A dedicated connection outside the pool (long-lived worker loops)."""
+        options = {"autocommit": True, "connect_timeout": 10, **self._pooler_kwargs(), **kwargs}
         try:
-            conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10, **kwargs)
+            conn = psycopg.connect(self._dsn, **options)
         except psycopg.OperationalError as exc:
             raise self.unavailable(exc) from None
-        _configure(conn)
+        self._configure(conn)
         return conn
+
+    # -- transaction poolers ----------------------------------------------------------
+
+    @property
+    def pooled(self) -> bool:
+        """Whether this database is reached through a transaction pooler: set by
+        FLOWFLEET_PGBOUNCER, else detected once per connection string."""
+        forced = pooler_setting()
+        if forced is not None:
+            return forced
+        known = _detected.get(self._dsn)
+        if known is None:
+            self._probe()
+            known = _detected.get(self._dsn, False)
+        return known
+
+    def _pooler_kwargs(self) -> dict[str, Any]:
+        # A transaction pooler hands each transaction to any server connection, where a
+        # statement psycopg prepared on another one does not exist (or exists twice):
+        # statements go unprepared, which costs the claim little (docs/capacity.md).
+        return {"prepare_threshold": None} if self.pooled else {}
+
+    def _configure(self, conn: psycopg.Connection) -> None:
+        # Through a pooler, a session setting would land on whichever server connection
+        # served this one statement, and on other clients' work after it: the queue's SQL
+        # assumes no session state, and the session bounds are set for the role instead.
+        if not self.pooled:
+            _configure(conn)
+
+    @property
+    def listen_dsn(self) -> str | None:
+        """Where to LISTEN: FLOWFLEET_LISTEN_DSN when set; else this database, unless it is
+        reached through a transaction pooler (None: poll)."""
+        configured = os.environ.get(LISTEN_DSN_ENV, "").strip()
+        if configured:
+            check_dsn(f"{self.name} ({LISTEN_DSN_ENV})", configured)
+            return configured
+        return None if self.pooled else self._dsn
+
+    def connect_for_listen(self) -> psycopg.Connection:
+        """A dedicated connection that can LISTEN (see ``listen_dsn``)."""
+        dsn = self.listen_dsn
+        if dsn is None:
+            raise DatabaseConfigError(
+                f"database {self.name!r} is reached through a transaction pooler and "
+                f"{LISTEN_DSN_ENV} is not set: there is no connection to LISTEN on"
+            )
+        try:
+            return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise self.unavailable(exc) from None
 
     def unavailable(self, cause: object) -> DatabaseUnavailableError:
         if isinstance(cause, DatabaseUnavailableError):
@@ -292,7 +391,8 @@ class DatabaseManager:
 
     def _probe(self) -> None:
         try:
-            psycopg.connect(self._dsn, connect_timeout=10).close()
+            with psycopg.connect(self._dsn, connect_timeout=10, autocommit=True) as conn:
+                _detected[self._dsn] = behind_pooler(conn)
         except psycopg.OperationalError as exc:
             raise self.unavailable(exc) from None
 

@@ -10,7 +10,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -486,10 +486,62 @@ def stats(
     return flows
 
 
-def cleanup_completed(conn: psycopg.Connection, older_than_seconds: float) -> int:
-    return _run(
-        conn, query("cleanup_completed"), {"older_than_seconds": older_than_seconds}
-    ).rowcount
+# Records deleted per retention transaction: each holds its row locks and its share of
+# the server for tens of milliseconds, so claims and completions never queue behind it.
+CLEANUP_BATCH = 5_000
+# After each retention transaction, wait this many times as long as it took: retention
+# then uses at most a tenth of one server core, and claims keep their pace while it
+# runs (bench/bench_scale.py measures both).
+CLEANUP_PAUSE_FACTOR = 9.0
+
+
+@dataclass(frozen=True)
+class CleanupBatch:
+    deleted: int
+    seconds: float  # the transaction's duration, pause excluded
+
+
+def cleanup_completed_batches(
+    conn: psycopg.Connection,
+    older_than_seconds: float,
+    batch_size: int = CLEANUP_BATCH,
+    pause_factor: float = CLEANUP_PAUSE_FACTOR,
+) -> Iterator[CleanupBatch]:
+    """Delete completed records older than ``older_than_seconds``, flow by flow, oldest
+    first, in transactions of at most ``batch_size`` records (each commits on its own
+    when ``conn`` is autocommit), pausing ``pause_factor`` times each one's duration
+    after it; yields each batch as it commits."""
+    row = conn.execute(
+        query("cleanup_cutoff"), {"older_than_seconds": older_than_seconds}
+    ).fetchone()
+    assert row is not None
+    cutoff = row[0]
+    flows = [r[0] for r in conn.execute(query("history_flows")).fetchall()]
+    for flow in flows:
+        while True:
+            started = time.monotonic()
+            deleted = _run(
+                conn,
+                query("cleanup_completed_batch"),
+                {"flow_name": flow, "cutoff": cutoff, "batch_size": batch_size},
+            ).rowcount
+            took = time.monotonic() - started
+            yield CleanupBatch(deleted, took)
+            if deleted < batch_size:
+                break
+            time.sleep(pause_factor * took)
+
+
+def cleanup_completed(
+    conn: psycopg.Connection,
+    older_than_seconds: float,
+    batch_size: int = CLEANUP_BATCH,
+    pause_factor: float = CLEANUP_PAUSE_FACTOR,
+) -> int:
+    """Delete completed records older than ``older_than_seconds`` in short, paced
+    transactions (``cleanup_completed_batches``); returns how many."""
+    batches = cleanup_completed_batches(conn, older_than_seconds, batch_size, pause_factor)
+    return sum(batch.deleted for batch in batches)
 
 
 def requeue_failed(

@@ -3,16 +3,21 @@
 Each setting of flow ``survey_processor`` in environment ``development`` is read, when no
 option gives it, from ``DEVELOPMENT_SURVEY_PROCESSOR_<KEY>``, then
 ``DEVELOPMENT_GLOBAL_<KEY>``, then ``GLOBAL_<KEY>``; keys are listed in ``ENV_KEYS``.
+
+Two process-wide settings of the queue database are read by ``flowfleet.database`` and
+checked here at start: FLOWFLEET_PGBOUNCER (1, 0 or auto) and FLOWFLEET_LISTEN_DSN.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from flowfleet import defaults
 from flowfleet.config import ConfigManager
+from flowfleet.database import LISTEN_DSN_ENV, check_dsn, pooler_setting
 from flowfleet.errors import FlowfleetError
 
 ENV_KEYS = {
@@ -111,6 +116,7 @@ def load_settings(flow_name: str, options: dict[str, Any]) -> WorkerSettings:
         if found != "":
             values[field] = found
     values["exit_when_empty"] = bool(options.get("exit_when_empty"))
+    check_pooler_settings()
     try:
         return WorkerSettings(**values)
     except ValidationError as exc:
@@ -126,3 +132,12 @@ def load_settings(flow_name: str, options: dict[str, Any]) -> WorkerSettings:
         else:
             hint = ""
         raise FlowfleetError(f"invalid worker setting {where}: {first['msg']}{hint}") from None
+
+
+def check_pooler_settings() -> None:
+    """Refuse a bad FLOWFLEET_PGBOUNCER or FLOWFLEET_LISTEN_DSN now, in one line, rather
+    than in the listener thread later."""
+    pooler_setting()
+    listen_dsn = os.environ.get(LISTEN_DSN_ENV, "").strip()
+    if listen_dsn:
+        check_dsn(f"listen ({LISTEN_DSN_ENV})", listen_dsn)

@@ -1,5 +1,5 @@
-"""Throwaway servers on free loopback ports, for the demo, tests and benchmarks: PostgreSQL
-and Prefect.
+"""Throwaway servers on free loopback ports, for the demo, tests and benchmarks: PostgreSQL,
+PgBouncer (transaction pooling, in front of a throwaway PostgreSQL) and Prefect.
 
 Uses the machine's PostgreSQL binaries (``pg_config --bindir``, then Debian's
 ``/usr/lib/postgresql/*/bin``). ``initdb`` refuses to run as root, so as root the server
@@ -186,6 +186,116 @@ class ThrowawayPostgres(_Throwaway):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+
+
+def find_pgbouncer() -> str:
+    found = os.environ.get("FLOWFLEET_PGBOUNCER_BIN") or shutil.which("pgbouncer")
+    for candidate in (found, "/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise FlowfleetError(
+        "no pgbouncer binary found: install it (Debian: apt-get install pgbouncer)"
+    )
+
+
+class ThrowawayPgBouncer(_Throwaway):
+    """``with ThrowawayPgBouncer(pg) as bouncer: bouncer.dsn(...)``: PgBouncer in transaction
+    pooling mode in front of a throwaway PostgreSQL, every database passed through, with
+    ``pool_size`` server connections per database and user: the set-up large fleets use,
+    small enough that clients really do share server connections."""
+
+    def __init__(self, server: ThrowawayPostgres, *, pool_size: int = 5) -> None:
+        self.binary = find_pgbouncer()
+        self.server = server
+        self.pool_size = pool_size
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="flowfleet-pgbouncer-"))
+        self.log = self.root / "pgbouncer.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _config(self) -> str:
+        return "\n".join(
+            [
+                "[databases]",
+                f"* = host=127.0.0.1 port={self.server.port}",
+                "[pgbouncer]",
+                "listen_addr = 127.0.0.1",
+                f"listen_port = {self.port}",
+                "unix_socket_dir =",
+                "auth_type = trust",
+                f"auth_file = {self.root / 'users.txt'}",
+                f"admin_users = {self.server.user}",
+                "pool_mode = transaction",
+                f"default_pool_size = {self.pool_size}",
+                "max_client_conn = 2000",
+                # Connections wait for a server connection rather than fail: a test (or a
+                # benchmark) with many clients queues like a real fleet would.
+                "query_wait_timeout = 120",
+                "server_lifetime = 3600",
+                f"logfile = {self.log}",
+                "log_connections = 0",
+                "log_disconnections = 0",
+                "",
+            ]
+        )
+
+    def start(self) -> ThrowawayPgBouncer:
+        ini = self.root / "pgbouncer.ini"
+        ini.write_text(self._config())
+        (self.root / "users.txt").write_text(f'"{self.server.user}" ""\n')
+        cmd = [self.binary, str(ini)]
+        if os.geteuid() == 0:
+            # PgBouncer refuses to run as root.
+            shutil.chown(self.root, "postgres", "postgres")
+            for path in self.root.iterdir():
+                shutil.chown(path, "postgres", "postgres")
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready()
+        except Exception:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            self.stop()
+            raise FlowfleetError(f"pgbouncer did not start:\n{log}") from None
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise FlowfleetError(f"pgbouncer exited with status {self._proc.returncode}")
+            try:
+                psycopg.connect(self.dsn(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"postgresql://{self.server.user}@127.0.0.1:{self.port}/{dbname}"
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(wait)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class ThrowawayPrefect(_Throwaway):

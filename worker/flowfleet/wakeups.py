@@ -3,18 +3,35 @@
 ``WakeUps`` is a generation counter: a loop notes the generation before it claims, so a
 wake-up that lands between an empty claim and the wait is not lost. The notification
 listener LISTENs for enqueues of the flow and bumps it.
+
+LISTEN needs a session of its own, which a transaction pooler (PgBouncer in transaction
+mode) does not keep: through one, the listener uses the direct connection string
+FLOWFLEET_LISTEN_DSN when it is set, and otherwise the claim loops poll, said once.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+from typing import Protocol
 
 import psycopg
 
 from flowfleet import queue
 from flowfleet.backoff import Backoff
 from flowfleet.errors import DatabaseUnavailableError
+
+log = logging.getLogger("flowfleet.worker")
+
+
+class ListenSource(Protocol):
+    """The parts of ``DatabaseManager`` the listener uses."""
+
+    @property
+    def listen_dsn(self) -> str | None: ...
+
+    def connect_for_listen(self) -> psycopg.Connection: ...
 
 
 class WakeUps:
@@ -56,3 +73,18 @@ def listen_for_enqueues(
                             wakeups.bump()
         except (psycopg.Error, DatabaseUnavailableError):
             stopping.wait(backoff.next_delay())
+
+
+def wake_on_enqueues(
+    db: ListenSource, flow_name: str, wakeups: WakeUps, stopping: threading.Event
+) -> None:
+    """Listen where the database allows it (see the module's docstring); without a
+    connection that can LISTEN, say once that the claim loops poll, and return."""
+    if db.listen_dsn is None:
+        log.info(
+            "the queue database is reached through a transaction pooler, where LISTEN "
+            "cannot work: idle claim loops poll (--poll-seconds); set FLOWFLEET_LISTEN_DSN "
+            "to a direct connection string for instant wake-ups"
+        )
+        return
+    listen_for_enqueues(db.connect_for_listen, flow_name, wakeups, stopping)

@@ -39,7 +39,7 @@ from flowfleet.migrate import current_version
 from flowfleet.prefect_api import PrefectApi
 from flowfleet.settings import WorkerSettings
 from flowfleet.sql import latest_version
-from flowfleet.wakeups import WakeUps, listen_for_enqueues
+from flowfleet.wakeups import WakeUps, wake_on_enqueues
 
 __all__ = ["Worker", "check_schema"]
 
@@ -189,9 +189,9 @@ class Worker:
         )
         background = [
             threading.Thread(
-                target=listen_for_enqueues,
+                target=wake_on_enqueues,
                 args=(
-                    self.db.connect,
+                    self.db,
                     self.settings.flow_name,
                     self.wakeups,
                     self.shutdown.requested,

@@ -11,14 +11,14 @@
 suspect AS (
     SELECT id FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count > 0
-       AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
+       AND available_at <= (now() AT TIME ZONE 'UTC') AND EXISTS (SELECT FROM settled)
      ORDER BY priority DESC, id
      LIMIT 1
      FOR UPDATE SKIP LOCKED
 ), batch AS (
     SELECT id, priority FROM processing_queue
      WHERE flow_name = %(flow_name)s AND status = 'pending' AND abandoned_count = 0
-       AND available_at <= LOCALTIMESTAMP AND EXISTS (SELECT FROM settled)
+       AND available_at <= (now() AT TIME ZONE 'UTC') AND EXISTS (SELECT FROM settled)
        AND NOT EXISTS (SELECT FROM suspect)
      ORDER BY priority DESC, id
      LIMIT %(batch_size)s
@@ -54,8 +54,8 @@ token AS (
 )
 UPDATE processing_queue q
    SET status = 'processing', flow_instance_id = %(instance_id)s,
-       claimed_at = LOCALTIMESTAMP, updated_at = LOCALTIMESTAMP,
-       lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s),
+       claimed_at = (now() AT TIME ZONE 'UTC'), updated_at = (now() AT TIME ZONE 'UTC'),
+       lease_expires_at = (now() AT TIME ZONE 'UTC') + make_interval(secs => %(lease_seconds)s),
        claim_token = (SELECT value FROM token)
   FROM picked
  WHERE q.id = picked.id
@@ -75,8 +75,8 @@ WITH settled AS (SELECT), {{_candidates}}, {{_take_within_bytes}}, {{_stamp}}
 INSERT INTO processing_history (id, flow_name, payload, status, flow_instance_id, claimed_at,
                                 completed_at, error_message, retry_count, created_at,
                                 updated_at, priority, dedup_key, result, abandoned_count)
-SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, LOCALTIMESTAMP,
-       error_message, retry_count, created_at, LOCALTIMESTAMP, priority, dedup_key, result,
+SELECT id, flow_name, payload, 'completed', flow_instance_id, claimed_at, (now() AT TIME ZONE 'UTC'),
+       error_message, retry_count, created_at, (now() AT TIME ZONE 'UTC'), priority, dedup_key, result,
        abandoned_count
   FROM done
 
@@ -139,7 +139,7 @@ UPDATE processing_queue
    SET status = CASE WHEN retry_count < %(max_retries)s THEN 'pending' ELSE 'failed' END,
        retry_count = CASE WHEN retry_count < %(max_retries)s THEN retry_count + 1
                           ELSE retry_count END,
-       available_at = LOCALTIMESTAMP + make_interval(secs =>
+       available_at = (now() AT TIME ZONE 'UTC') + make_interval(secs =>
            LEAST(%(backoff_cap)s::float8,
                  %(backoff_base)s::float8 * power(2, LEAST(retry_count, 60)))
            * (0.5 + random() / 2)),
@@ -148,7 +148,7 @@ UPDATE processing_queue
        flow_instance_id = CASE WHEN retry_count < %(max_retries)s THEN NULL
                                ELSE flow_instance_id END,
        claim_token = NULL, lease_expires_at = NULL,
-       updated_at = LOCALTIMESTAMP
+       updated_at = (now() AT TIME ZONE 'UTC')
  WHERE id = %(id)s AND status = 'processing'
    AND (claim_token = %(token)s
         OR (%(token)s::bigint IS NULL AND flow_instance_id = %(instance_id)s))
@@ -158,7 +158,7 @@ RETURNING id, status, retry_count;
 -- Hand claimed records back untouched (graceful shutdown): no retry is spent.
 UPDATE processing_queue q
    SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
-       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+       lease_expires_at = NULL, claimed_at = NULL, updated_at = (now() AT TIME ZONE 'UTC')
   FROM unnest(%(ids)s::bigint[], %(tokens)s::bigint[]) AS d(id, token)
  WHERE q.id = d.id AND q.claim_token = d.token AND q.status = 'processing'
 RETURNING q.id;
@@ -177,7 +177,7 @@ WITH mine AS (
        FOR UPDATE OF q SKIP LOCKED
 )
 UPDATE processing_queue q
-   SET lease_expires_at = LOCALTIMESTAMP + make_interval(secs => %(lease_seconds)s)
+   SET lease_expires_at = (now() AT TIME ZONE 'UTC') + make_interval(secs => %(lease_seconds)s)
   FROM mine
  WHERE q.id = mine.id
 RETURNING q.id;
@@ -200,7 +200,7 @@ UPDATE processing_queue q
        flow_instance_id = CASE WHEN q.abandoned_count + 1 >= %(max_abandons)s
                                THEN q.flow_instance_id END,
        claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL,
-       updated_at = LOCALTIMESTAMP
+       updated_at = (now() AT TIME ZONE 'UTC')
   FROM orphans
  WHERE q.id = orphans.id
 RETURNING q.id, q.status
@@ -220,10 +220,10 @@ RETURNING q.id, q.status
 WITH orphans AS (
     SELECT id FROM processing_queue
      WHERE status = 'processing'
-       AND ((lease_expires_at < LOCALTIMESTAMP
+       AND ((lease_expires_at < (now() AT TIME ZONE 'UTC')
              AND pg_postmaster_start_time()
                  < now() - make_interval(secs => %(reconnect_seconds)s::float8))
-            OR claimed_at < LOCALTIMESTAMP - make_interval(secs => %(timeout_seconds)s::float8))
+            OR claimed_at < (now() AT TIME ZONE 'UTC') - make_interval(secs => %(timeout_seconds)s::float8))
        -- Without a timeout only expired leases count: a record that runs for hours
        -- under a renewed lease is alive, however old its claim.
        AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
@@ -256,7 +256,7 @@ SELECT flow_name,
        count(*) FILTER (WHERE status = 'completed') AS completed_in_queue,
        count(*) FILTER (WHERE status NOT IN ('pending', 'processing', 'completed', 'failed'))
            AS other_records,
-       count(*) FILTER (WHERE status = 'pending' AND available_at <= LOCALTIMESTAMP)
+       count(*) FILTER (WHERE status = 'pending' AND available_at <= (now() AT TIME ZONE 'UTC'))
            AS ready_records
   FROM processing_queue
  WHERE %(flow_name)s::text IS NULL OR flow_name = %(flow_name)s
@@ -268,15 +268,37 @@ SELECT flow_name, count(*) AS completed_records
  WHERE %(flow_name)s::text IS NULL OR flow_name = %(flow_name)s
  GROUP BY flow_name;
 
--- name: cleanup_completed
+-- name: cleanup_cutoff
+-- Retention runs in batches; the horizon is fixed once, at its start.
+SELECT (now() AT TIME ZONE 'UTC') - make_interval(secs => %(older_than_seconds)s::float8);
+
+-- name: history_flows
+-- The flows with history, by a loose scan of (flow_name, completed_at): one index probe
+-- per flow rather than a pass over every record.
+WITH RECURSIVE flows AS (
+    (SELECT flow_name FROM processing_history ORDER BY flow_name LIMIT 1)
+    UNION ALL
+    SELECT (SELECT h.flow_name FROM processing_history h
+             WHERE h.flow_name > flows.flow_name ORDER BY h.flow_name LIMIT 1)
+      FROM flows WHERE flows.flow_name IS NOT NULL
+)
+SELECT flow_name FROM flows WHERE flow_name IS NOT NULL;
+
+-- name: cleanup_completed_batch
+-- One short transaction: at most batch_size of one flow's oldest records, found through
+-- (flow_name, completed_at). Completions only append to history and claims never read
+-- it, so nothing waits on these deletes.
 DELETE FROM processing_history
- WHERE completed_at < LOCALTIMESTAMP - make_interval(secs => %(older_than_seconds)s::float8);
+ WHERE id IN (SELECT id FROM processing_history
+               WHERE flow_name = %(flow_name)s AND completed_at < %(cutoff)s
+               ORDER BY completed_at
+               LIMIT %(batch_size)s);
 
 -- name: requeue_failed
 UPDATE processing_queue
-   SET status = 'pending', retry_count = 0, abandoned_count = 0, available_at = LOCALTIMESTAMP,
+   SET status = 'pending', retry_count = 0, abandoned_count = 0, available_at = (now() AT TIME ZONE 'UTC'),
        flow_instance_id = NULL, claim_token = NULL, lease_expires_at = NULL,
-       claimed_at = NULL, updated_at = LOCALTIMESTAMP
+       claimed_at = NULL, updated_at = (now() AT TIME ZONE 'UTC')
  WHERE status = 'failed' AND flow_name = %(flow_name)s
    AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s::bigint[]))
 RETURNING id;
@@ -284,7 +306,7 @@ RETURNING id;
 -- name: enqueue_from_staging
 -- Dedup path: COPY lands in a temporary table, then one INSERT drops keys already live.
 INSERT INTO processing_queue (flow_name, payload, priority, available_at, dedup_key)
-SELECT flow_name, payload, priority, available_at, dedup_key FROM flowfleet_staging
+SELECT flow_name, payload, priority, available_at, dedup_key FROM flowfleet_enqueue_staging
 ON CONFLICT (flow_name, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING;
 
 -- name: notify
@@ -300,12 +322,15 @@ SELECT flow_name,
        min(claimed_at) AS first_claimed_at,
        max(completed_at) AS last_completed_at
   FROM processing_records
- WHERE updated_at > LOCALTIMESTAMP - make_interval(secs => %(window_seconds)s::float8)
+ WHERE updated_at > (now() AT TIME ZONE 'UTC') - make_interval(secs => %(window_seconds)s::float8)
  GROUP BY flow_name;
 
 -- name: session_setup
--- Queue timestamps are TIMESTAMP (the seed's type) compared with LOCALTIMESTAMP, so every
--- session must agree on one zone or leases would drift by the zone offset.
+-- Run on each direct connection, never through a transaction pooler (where it would land
+-- on whichever server connection served it, and on other clients' work after it); there
+-- the bounds belong to the worker's role (docs/capacity.md). No statement depends on the
+-- session's time zone: queue timestamps are TIMESTAMP (the seed's type) holding UTC, and
+-- every "now" is written (now() AT TIME ZONE 'UTC').
 --
 -- A frozen client (SIGSTOP, a paused VM, a cut network) inside a transaction holds its
 -- row locks until the server ends its session: these bounds make the server do so on
@@ -313,8 +338,7 @@ SELECT flow_name,
 -- where nobody chose a value (server, database, role or PGOPTIONS): a processor that
 -- takes `conn` keeps its transaction open while it runs, so a site whose records run
 -- longer raises idle_in_transaction_session_timeout for the worker's role.
-SELECT set_config('TimeZone', 'UTC', false) AS time_zone,
-       (SELECT count(set_config(bound.name, bound.value, false))
+SELECT (SELECT count(set_config(bound.name, bound.value, false))
           FROM (VALUES ('idle_in_transaction_session_timeout', '300s'),
                        -- Server-side TCP keepalives: a peer that vanished is noticed in
                        -- about a minute rather than the kernel's two hours.
@@ -337,15 +361,18 @@ LISTEN flowfleet_queue;
 COPY processing_queue (flow_name, payload) FROM STDIN;
 
 -- name: staging_table
-CREATE TEMPORARY TABLE IF NOT EXISTS flowfleet_staging (
+-- Made and dropped inside the enqueue's transaction: through a transaction pooler the
+-- next transaction may run on another server connection, and a table left behind would
+-- be another client's surprise.
+CREATE TEMPORARY TABLE flowfleet_enqueue_staging (
     flow_name text, payload jsonb, priority smallint, available_at timestamp, dedup_key text
-) ON COMMIT DELETE ROWS;
+) ON COMMIT DROP;
 
 -- name: copy_staging
-COPY flowfleet_staging FROM STDIN;
+COPY flowfleet_enqueue_staging FROM STDIN;
 
 -- name: available_after
-SELECT LOCALTIMESTAMP + make_interval(secs => %(delay_seconds)s::float8);
+SELECT (now() AT TIME ZONE 'UTC') + make_interval(secs => %(delay_seconds)s::float8);
 
 -- name: migrations_lock
 -- One fixed key ("flow"): every migrator of every flowfleet version serialises on it.
@@ -383,7 +410,7 @@ SELECT id, retry_count, abandoned_count, updated_at, error_message,
 -- `flowfleet status`: which instance (pod) holds how many records, and how many of those
 -- claims have run out of lease (their holder stopped renewing: likely gone).
 SELECT flow_name, flow_instance_id AS instance_id, count(*) AS processing_records,
-       count(*) FILTER (WHERE lease_expires_at < LOCALTIMESTAMP) AS expired_records,
+       count(*) FILTER (WHERE lease_expires_at < (now() AT TIME ZONE 'UTC')) AS expired_records,
        min(claimed_at) AS oldest_claim
   FROM processing_queue
  WHERE status = 'processing' AND (%(flow_name)s::text IS NULL OR flow_name = %(flow_name)s)
@@ -400,7 +427,7 @@ SELECT id, flow_name, status FROM processing_records WHERE id = ANY(%(ids)s::big
 -- records go back now, no retry spent; the cleared token fences a late answer from it.
 UPDATE processing_queue
    SET status = 'pending', flow_instance_id = NULL, claim_token = NULL,
-       lease_expires_at = NULL, claimed_at = NULL, updated_at = LOCALTIMESTAMP
+       lease_expires_at = NULL, claimed_at = NULL, updated_at = (now() AT TIME ZONE 'UTC')
  WHERE status = 'processing' AND flow_instance_id = %(instance_id)s
 RETURNING id;
 
@@ -417,7 +444,7 @@ SELECT pg_try_advisory_lock(hashtext('flowfleet_queue_depth'), hashtext(%(flow_n
 WITH counts AS (
     SELECT flow_name,
            count(*) FILTER (WHERE status = 'pending') AS pending_records,
-           count(*) FILTER (WHERE status = 'pending' AND available_at <= LOCALTIMESTAMP)
+           count(*) FILTER (WHERE status = 'pending' AND available_at <= (now() AT TIME ZONE 'UTC'))
                AS ready_records,
            count(*) FILTER (WHERE status = 'processing') AS processing_records,
            count(*) FILTER (WHERE status = 'failed') AS failed_records
@@ -434,7 +461,7 @@ WITH counts AS (
            count(DISTINCT flow_instance_id) AS completing_instances
       FROM processing_history
      WHERE flow_name = ANY(%(flow_names)s::text[])
-       AND completed_at > LOCALTIMESTAMP - make_interval(secs => %(window_seconds)s::float8)
+       AND completed_at > (now() AT TIME ZONE 'UTC') - make_interval(secs => %(window_seconds)s::float8)
      GROUP BY flow_name
 )
 SELECT f.flow_name,
