@@ -17,14 +17,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 import kopf
-from kubernetes.client.rest import ApiException
 
 from flowfleet import queue
 from flowfleet.redaction import redact
 from flowfleet.sql import latest_version
 from flowfleet_operator import conditions as cond
 from flowfleet_operator import metrics
-from flowfleet_operator.kube import Kube, SecretMissing, api_error_line
+from flowfleet_operator.kube import Kube, KubeError, SecretMissing, api_error_line
 from flowfleet_operator.manifests import (
     DELETION_COST,
     build_worker_deployment,
@@ -335,7 +334,7 @@ class Fleet:
                 flow.name, flow.namespace, flow.uid, spec, replicas, api_url
             )
             applied = await self.kube.apply_deployment(manifest)
-        except ApiException as exc:
+        except KubeError as exc:
             message = f"worker Deployment not applied: {api_error_line(exc)}"
             flow.spec_blocked = ("DeploymentFailed", message)
             self._blocked(flow, "DeploymentFailed", message)
@@ -452,7 +451,7 @@ class Fleet:
                 await self.evaluate(
                     flow, None if depths is None else depths.get(flow.spec.flow_name), fast
                 )
-            except ApiException as exc:
+            except KubeError as exc:
                 log.warning("%s/%s: %s", flow.namespace, flow.name, api_error_line(exc))
                 metrics.RECONCILE_ERRORS.labels(*flow.key, "ApiError").inc()
         metrics.TICK_SECONDS.observe(time.perf_counter() - started)
@@ -640,7 +639,7 @@ class Fleet:
                 return
             try:
                 await self.kube.patch_flow_status(flow.namespace, flow.name, status)
-            except ApiException as exc:
+            except KubeError as exc:
                 if exc.status != 404:  # deleted meanwhile: nothing to report to
                     log.warning(
                         "%s/%s: status not written: %s",

@@ -21,6 +21,10 @@ from kubernetes.client.rest import ApiException
 from flowfleet_operator.metrics import API_WRITES
 from flowfleet_operator.model import GROUP, PLURAL, VERSION
 
+# The API server's refusals, under our name: the rest of the operator catches this and
+# never imports the Kubernetes client itself (kube.py is its only door to the API server).
+KubeError = ApiException
+
 FIELD_MANAGER = "flowfleet-operator"
 _MERGE = "application/merge-patch+json"
 _APPLY = "application/apply-patch+yaml"
