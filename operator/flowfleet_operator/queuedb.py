@@ -16,9 +16,9 @@ from contextlib import contextmanager
 import psycopg
 
 from flowfleet import queue
-from flowfleet.database import configure_connection
 from flowfleet.errors import SchemaError
 from flowfleet.migrate import current_version, migrate
+from flowfleet.pooler import configure_connection
 from flowfleet.redaction import describe_dsn, redact
 
 log = logging.getLogger("flowfleet_operator.queuedb")

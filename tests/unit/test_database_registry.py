@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 
-from flowfleet.database import _Registry
+from flowfleet.pools import PoolRegistry as _Registry
 
 
 class Pooled:

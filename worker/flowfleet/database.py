@@ -9,210 +9,53 @@ database is PostgreSQL through psycopg 3; source databases may be any SQLAlchemy
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg import conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from flowfleet.config import env_name, environment
+from flowfleet.connstrings import (
+    DRIVER_EXTRAS,
+    POSTGRES_TYPES,
+    check_dsn,
+    missing_driver,
+    resolve,
+    type_of,
+)
 from flowfleet.errors import DatabaseConfigError, DatabaseUnavailableError
+from flowfleet.pooler import (
+    LISTEN_DSN_ENV,
+    POOLER_ENV,
+    behind_pooler,
+    configure_connection,
+    pooler_setting,
+    session_setup,
+)
+from flowfleet.pools import PoolRegistry as _Registry
 from flowfleet.redaction import describe_dsn, redact
 from flowfleet.sql import query
 
-# Env naming lives in config and redaction in its own module; re-exported for callers
-# that have always imported them from here.
+# Env naming lives in config, connection strings in connstrings, pooler detection in
+# pooler, redaction in its own module; re-exported for callers that import them from here.
 __all__ = [
+    "DRIVER_EXTRAS",
+    "LISTEN_DSN_ENV",
+    "POOLER_ENV",
     "DatabaseManager",
+    "behind_pooler",
     "check_dsn",
+    "configure_connection",
     "describe_dsn",
     "env_name",
     "environment",
+    "pooler_setting",
     "redact",
     "resolve",
 ]
-
-POSTGRES_TYPES = {"postgresql", "postgres"}
-
-
-def check_dsn(name: str, dsn: str) -> None:
-    """Refuse a PostgreSQL connection string that can never work, as a bad setting rather
-    than an outage. The driver's own message may quote fragments of the string (its
-    password among them), so the reason given is ours."""
-    try:
-        info = conninfo.conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        raise DatabaseConfigError(
-            f"the connection string of database {name!r} is malformed (expected "
-            "postgresql://user:password@host:port/dbname or key=value pairs)"
-        ) from None
-    if any("@" in str(info.get(k) or "") for k in ("host", "port", "dbname", "user")):
-        raise DatabaseConfigError(
-            f"the connection string of database {name!r} does not parse as intended: an "
-            "'@' lands in its host or database name (percent-encode '/', '@' and ':' in "
-            "the password)"
-        )
-    port = str(info.get("port") or "")
-    if port and not all(p.strip().isdigit() for p in port.split(",")):
-        # Not quoted: with an unescaped "/" in the password, this "port" is part of it.
-        raise DatabaseConfigError(
-            f"the connection string of database {name!r} has a port that is not a number "
-            "(if its password holds '/', '@' or ':', percent-encode them)"
-        )
-
-
-def resolve(name: str) -> tuple[str, str]:
-    """(connection string, type) for a database name, or a DatabaseConfigError naming both
-    environment variables that were tried."""
-    env = environment()
-    tried = [
-        env_name(env, "global", name, "connection_string"),
-        env_name(name, "connection_string"),
-    ]
-    dsn = next((os.environ[v] for v in tried if os.environ.get(v)), None)
-    if dsn is None:
-        raise DatabaseConfigError(
-            f"database {name!r} is not configured: set {tried[0]} or {tried[1]}"
-        )
-    db_type = os.environ.get(env_name(env, "global", name, "type")) or _type_of(dsn)
-    return dsn, db_type.lower()
-
-
-def _type_of(dsn: str) -> str:
-    scheme = dsn.split("://", 1)[0].split("+", 1)[0] if "://" in dsn else "postgresql"
-    return "postgresql" if scheme in POSTGRES_TYPES else scheme
-
-
-# The extra of pyproject.toml that installs each SQLAlchemy dialect's default driver.
-DRIVER_EXTRAS = {"pyodbc": "mssql", "pymysql": "mysql", "oracledb": "oracle"}
-
-
-def missing_driver(name: str, db_type: str, exc: ImportError) -> str:
-    module = exc.name or str(exc)
-    extra = DRIVER_EXTRAS.get(module)
-    how = f"pip install 'flowfleet[{extra}]'" if extra else f"install the {module!r} package"
-    return f"database {name!r} ({db_type}) needs the driver {module!r}, not installed: {how}"
-
-
-def _configure(conn: psycopg.Connection) -> None:
-    conn.execute(query("session_setup"))
-
-
-# FLOWFLEET_PGBOUNCER: "1" when the queue database is reached through a transaction pooler
-# (PgBouncer's pool_mode=transaction), "0" when it is not, unset or "auto" to detect it.
-POOLER_ENV = "FLOWFLEET_PGBOUNCER"
-# A direct connection (PostgreSQL itself, or PgBouncer in session mode) for LISTEN, which
-# a transaction pooler cannot carry.
-LISTEN_DSN_ENV = "FLOWFLEET_LISTEN_DSN"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def pooler_setting() -> bool | None:
-    """True or False when FLOWFLEET_PGBOUNCER says, None to detect."""
-    value = os.environ.get(POOLER_ENV, "").strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    if value in ("", "auto"):
-        return None
-    raise DatabaseConfigError(f"{POOLER_ENV}={value!r}: expected 1, 0 or auto")
-
-
-def configure_connection(conn: psycopg.Connection) -> bool:
-    """For code that opens its own connections (the operator): through a transaction
-    pooler, no server-side prepared statements and no session setup; direct, the session
-    setup. Returns whether a pooler answered."""
-    forced = pooler_setting()
-    pooled = behind_pooler(conn) if forced is None else forced
-    if pooled:
-        conn.prepare_threshold = None
-    else:
-        _configure(conn)
-    return pooled
-
-
-def behind_pooler(conn: psycopg.Connection) -> bool:
-    """Whether ``conn`` reaches PostgreSQL through a pooler. The backend pid a client is
-    told at connect (in BackendKeyData) is PgBouncer's own random cancel key when a pooler
-    answers, and the server process's pid when PostgreSQL does."""
-    row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    return row is not None and int(row[0]) != conn.info.backend_pid
-
-
-class _Registry:
-    """One pool (or engine) per database name per process, shared by every DatabaseManager.
-
-    Fork-aware: each entry remembers the process that made it. A forked child never uses
-    what it inherited; it builds its own pools, and keeps the inherited ones referenced
-    but untouched: closing one, or letting it be collected, would talk on sockets the
-    parent is still using. The lock guards the dictionaries only and is never held over
-    network I/O, so one unreachable database cannot stall callers of another.
-    """
-
-    lock = threading.Lock()
-    pools: dict[str, tuple[int, ConnectionPool]] = {}
-    engines: dict[str, tuple[int, Any]] = {}
-    # Serialises building the pool of one database; callers of others never wait on it.
-    building: dict[str, threading.Lock] = {}
-    # What this process inherited from its parent: kept alive, never used or closed.
-    inherited: list[Any] = []
-
-    @classmethod
-    def lookup(cls, table: dict[str, tuple[int, Any]], key: str) -> Any | None:
-        with cls.lock:
-            entry = table.get(key)
-            if entry is None:
-                return None
-            pid, item = entry
-            if pid == os.getpid():
-                return item
-            # Made in another process (a fork the at-fork hook did not see).
-            cls.inherited.append(item)
-            del table[key]
-            return None
-
-    @classmethod
-    def store(cls, table: dict[str, tuple[int, Any]], key: str, item: Any) -> None:
-        with cls.lock:
-            table[key] = (os.getpid(), item)
-
-    @classmethod
-    def pop(cls, table: dict[str, tuple[int, Any]], key: str) -> Any | None:
-        """Remove this process's entry for ``key`` and return it, for closing."""
-        with cls.lock:
-            entry = table.pop(key, None)
-            if entry is None:
-                return None
-            pid, item = entry
-            if pid != os.getpid():
-                cls.inherited.append(item)
-                return None
-            return item
-
-    @classmethod
-    def building_lock(cls, key: str) -> threading.Lock:
-        with cls.lock:
-            return cls.building.setdefault(key, threading.Lock())
-
-    @classmethod
-    def forget_inherited(cls) -> None:
-        """In a freshly forked child: set aside every pool and engine of the parent, and
-        replace the locks, which another thread of the parent may have held at the fork."""
-        cls.lock = threading.Lock()
-        cls.building = {}
-        cls.inherited.extend(item for _, item in cls.pools.values())
-        cls.inherited.extend(item for _, item in cls.engines.values())
-        cls.pools = {}
-        cls.engines = {}
-
-
-os.register_at_fork(after_in_child=_Registry.forget_inherited)
 
 # Connection string -> reached through a transaction pooler (detected by ``_probe``).
 # Single assignments of immutable values: no lock needed, and a fork may keep them.
@@ -240,7 +83,7 @@ class DatabaseManager:
         if connection_string is None:
             connection_string, resolved_type = resolve(name)
         else:
-            resolved_type = _type_of(connection_string)
+            resolved_type = type_of(connection_string)
         self._dsn = connection_string
         self.db_type = (db_type or resolved_type).lower()
         if self.is_postgres:
@@ -356,7 +199,7 @@ class DatabaseManager:
         # served this one statement, and on other clients' work after it: the queue's SQL
         # assumes no session state, and the session bounds are set for the role instead.
         if not self.pooled:
-            _configure(conn)
+            session_setup(conn)
 
     @property
     def listen_dsn(self) -> str | None:

@@ -17,8 +17,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from flowfleet import defaults
 from flowfleet.config import ConfigManager
-from flowfleet.database import LISTEN_DSN_ENV, check_dsn, pooler_setting
+from flowfleet.connstrings import check_dsn
 from flowfleet.errors import FlowfleetError
+from flowfleet.pooler import LISTEN_DSN_ENV, pooler_setting
 
 ENV_KEYS = {
     "entrypoint": "entrypoint",
