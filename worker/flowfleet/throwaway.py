@@ -53,6 +53,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_process_group(
+    proc: subprocess.Popen[bytes], first: signal.Signals, patience: float
+) -> None:
+    """Ask a server's process group to stop with ``first``; SIGKILL it after ``patience``
+    seconds (its children, a pooler's or a Prefect server's workers, go with it)."""
+    for sig, wait in ((first, patience), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 _T = TypeVar("_T", bound="_Throwaway")
 
 
@@ -286,15 +302,7 @@ class ThrowawayPgBouncer(_Throwaway):
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
-            for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(wait)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_process_group(proc, signal.SIGINT, 10)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -378,13 +386,5 @@ class ThrowawayPrefect(_Throwaway):
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(server.pid, sig)
-                    server.wait(wait)
-                    break
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_process_group(server, signal.SIGTERM, 15)
         shutil.rmtree(self.home, ignore_errors=True)
