@@ -8,7 +8,7 @@ from importlib import resources
 
 import pytest
 
-from flowfleet import database, migrate, pooler, queue, sql
+from flowfleet import database, enqueue, migrate, pooler, queue, sql
 
 # Every query referenced as query("...") anywhere in these modules.
 _CALL = re.compile(r"""query\(\s*["']([a-z_]+)["']""")
@@ -16,7 +16,7 @@ _CALL = re.compile(r"""query\(\s*["']([a-z_]+)["']""")
 
 def referenced_names() -> set[str]:
     names: set[str] = set()
-    for module in (queue, migrate, database, pooler):
+    for module in (queue, enqueue, migrate, database, pooler):
         names |= set(_CALL.findall(inspect.getsource(module)))
     return names
 
