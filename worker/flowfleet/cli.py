@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import math
 import os
-import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import psycopg
 import typer
 
 try:  # typer 0.29 carries its own copy of click; earlier ones use click itself
@@ -29,134 +23,22 @@ except ImportError:  # pragma: no cover
         UsageError,
     )
 
-from flowfleet import defaults
-from flowfleet.database import DatabaseManager
-from flowfleet.errors import FlowfleetError, InvalidRecordError
-from flowfleet.redaction import redact
-
-app = typer.Typer(
-    name="flowfleet",
-    help="A fenced PostgreSQL queue for Prefect record-processing flows.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from flowfleet.cli_common import FLOW_NAME as FLOW_NAME
+from flowfleet.cli_common import (
+    DbOption,
+    DsnOption,
+    app,
+    bounded,
+    database,
+    fail,
+    first_line,
+    flow_name,
+    print_json,
+    user_errors,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# The same rule as the DistributedFlow CRD's spec.flowName (crds/distributedflow.yaml;
-# tests/integration/test_cli_names.py holds the two together): a flow enqueued or worked on from
-# here can always be given to the operator.
-FLOW_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def flow_name(value: str) -> str:
-    if not FLOW_NAME.fullmatch(value):
-        raise typer.BadParameter(
-            f"{value!r} is not a flow name: 1-100 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit"
-        )
-    return value
-
-
-def bounded(low: float, high: float, *, low_open: bool = False) -> Callable[[Any], Any]:
-    """An option callback refusing NaN, infinities and values outside low..high, so that
-    an absurd number is one line naming the option, not a traceback later."""
-
-    def check(value: float | None) -> float | None:
-        if value is None:
-            return value
-        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
-            lower = f"above {low:g}" if low_open else f"at least {low:g}"
-            raise typer.BadParameter(
-                f"{value!r}: must be a finite number {lower}, at most {high:g}"
-            )
-        return value
-
-    return check
-
-
-DsnOption = Annotated[
-    str | None,
-    typer.Option(
-        "--dsn",
-        envvar="FLOWFLEET_DSN",
-        show_envvar=True,
-        help="PostgreSQL connection string of the queue database.",
-    ),
-]
-DbOption = Annotated[
-    str | None,
-    typer.Option("--db", help="Named database from the environment (e.g. rpa_db)."),
-]
-
-
-def database(dsn: str | None, db: str | None) -> DatabaseManager:
-    if db:
-        return DatabaseManager(db)
-    if dsn:
-        return DatabaseManager("queue", connection_string=dsn)
-    return DatabaseManager("rpa_db")
-
-
-def fail(message: str, code: int = 1) -> None:
-    # Every message leaves through here or main(): redacted, whatever path it came by.
-    typer.echo(f"flowfleet: {redact(message)}", err=True)
-    raise typer.Exit(code)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Our errors end the command with their one line and no traceback."""
-    try:
-        yield
-    except FlowfleetError as exc:
-        fail(str(exc))
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
-        # The hint the worker gives at start-up, instead of a bare "relation does not exist".
-        fail(
-            "the queue database has no flowfleet schema, or an older one "
-            f"({_first_line(exc)}): run `flowfleet migrate`"
-        )
-    except psycopg.Error as exc:
-        # Anything else the database refuses: its first line, which names no secret.
-        fail(f"database error: {_first_line(exc)}")
-    except RecursionError:
-        fail("input nested too deeply to handle")
-
-
-def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
-
-
-def _show_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            typer.echo(f"flowfleet {version('flowfleet')}")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            from flowfleet import __version__
-
-            typer.echo(f"flowfleet {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(
-    version: Annotated[
-        bool,
-        typer.Option(
-            "--version", is_eager=True, callback=_show_version, help="Print the version and exit."
-        ),
-    ] = False,
-) -> None:
-    """A fenced PostgreSQL queue for Prefect record-processing flows."""
+from flowfleet.database import DatabaseManager
+from flowfleet.errors import InvalidRecordError
+from flowfleet.redaction import redact
 
 
 def wait_for(target: DatabaseManager, seconds: float) -> None:
@@ -593,131 +475,9 @@ def requeue(
         fail(f"not requeued: {'; '.join(unknown)}")
 
 
-@app.command()
-def worker(
-    flow: Annotated[
-        str,
-        typer.Argument(help="Flow whose records this worker processes.", callback=flow_name),
-    ],
-    entrypoint: Annotated[
-        str | None,
-        typer.Option(
-            help="Record processor as module:function; the current directory is importable."
-        ),
-    ] = None,
-    runner: Annotated[
-        str | None, typer.Option(help=f"prefect or plain (default {defaults.RUNNER}).")
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(help=f"Records per claim (default {defaults.BATCH_SIZE})."),
-    ] = None,
-    concurrency: Annotated[
-        int | None,
-        typer.Option(help=f"Claim loops in this process (default {defaults.CONCURRENCY})."),
-    ] = None,
-    lease_seconds: Annotated[
-        float | None,
-        typer.Option(
-            help=f"Claim lease, renewed every third of it (default {defaults.LEASE_SECONDS})."
-        ),
-    ] = None,
-    grace_seconds: Annotated[
-        float | None,
-        typer.Option(help=f"Drain time on SIGTERM (default {defaults.GRACE_SECONDS})."),
-    ] = None,
-    poll_seconds: Annotated[
-        float | None,
-        typer.Option(help=f"Poll when no NOTIFY comes (default {defaults.POLL_SECONDS})."),
-    ] = None,
-    http_port: Annotated[
-        int | None,
-        typer.Option(help=f"Health/metrics port; 0 = off (default {defaults.HTTP_PORT})."),
-    ] = None,
-    max_retries: Annotated[
-        int | None,
-        typer.Option(help=f"Retries before failed (default {defaults.MAX_RETRIES})."),
-    ] = None,
-    record_timeout_seconds: Annotated[
-        float | None,
-        typer.Option(
-            help="A record running longer is hung; 0 = no limit"
-            f" (default {defaults.RECORD_TIMEOUT_SECONDS}).",
-        ),
-    ] = None,
-    max_batch_bytes: Annotated[
-        int | None,
-        typer.Option(
-            help="Bound a batch's payload bytes (one record always fits); default no bound."
-        ),
-    ] = None,
-    exit_when_empty: Annotated[
-        bool, typer.Option(help="Exit 0 once the flow has no pending or running records.")
-    ] = False,
-    log_format: Annotated[str, typer.Option(help="auto, json or text.")] = "auto",
-    log_level: Annotated[
-        str | None,
-        typer.Option(
-            help="debug, info, warning, error or critical; for flowfleet, the processor"
-            " and Prefect alike (default info)."
-        ),
-    ] = None,
-    dsn: DsnOption = None,
-    db: DbOption = None,
-) -> None:
-    """Claim and process a flow's records until SIGTERM.
-
-    Every option also reads from the flow's settings, e.g.
-    DEVELOPMENT_<FLOW>_DISTRIBUTED_BATCH_SIZE.
-    """
-    from flowfleet import entrypoint as entrypoints
-    from flowfleet import logs
-    from flowfleet.identity import instance_id
-    from flowfleet.settings import load_settings
-    from flowfleet.worker import Worker
-
-    with user_errors():
-        settings = load_settings(
-            flow,
-            {
-                "entrypoint": entrypoint,
-                "runner": runner,
-                "batch_size": batch_size,
-                "concurrency": concurrency,
-                "lease_seconds": lease_seconds,
-                "grace_seconds": grace_seconds,
-                "poll_seconds": poll_seconds,
-                "http_port": http_port,
-                "max_retries": max_retries,
-                "record_timeout_seconds": record_timeout_seconds,
-                "max_batch_bytes": max_batch_bytes,
-                "exit_when_empty": exit_when_empty,
-                "log_level": log_level,
-            },
-        )
-        processor = entrypoints.load(settings.entrypoint)
-        me = instance_id()
-        logs.configure(flow, me, log_format, settings.log_level)
-        try:
-            code = Worker(settings, database(dsn, db), processor, me).run()
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            fail(
-                f"HTTP port {settings.http_port} is already in use (another worker on this "
-                "machine?): give each worker its own --http-port, or --http-port 0 for none"
-            )
-    raise typer.Exit(code)
-
-
-@app.command()
-def operator() -> None:
-    """Run the DistributedFlow operator (settings from FLOWFLEET_OPERATOR_* env)."""
-    try:
-        from flowfleet_operator.main import run
-    except ImportError as exc:
-        fail(f"the operator needs the operator extra: pip install 'flowfleet[operator]' ({exc})")
-    run()
+# Registers the worker and operator commands on ``app``, after the queue commands.
+from flowfleet.cli_worker import operator as operator  # noqa: E402
+from flowfleet.cli_worker import worker as worker  # noqa: E402
 
 
 def main() -> None:
@@ -743,7 +503,7 @@ def main() -> None:
         if os.environ.get("FLOWFLEET_DEBUG"):
             typer.echo(redact(traceback.format_exc()), err=True)
         typer.echo(
-            f"flowfleet: unexpected {type(exc).__name__}: {redact(_first_line(exc))} "
+            f"flowfleet: unexpected {type(exc).__name__}: {redact(first_line(exc))} "
             "(FLOWFLEET_DEBUG=1 shows the traceback)",
             err=True,
         )
