@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import kopf
@@ -23,6 +20,9 @@ from flowfleet.redaction import redact
 from flowfleet.sql import latest_version
 from flowfleet_operator import conditions as cond
 from flowfleet_operator import metrics
+from flowfleet_operator.dbloop import DatabaseLoop
+from flowfleet_operator.flowstate import Flow, FlowKey, flow_reason, post_event
+from flowfleet_operator.flowstate import utc_now as _now
 from flowfleet_operator.kube import Kube, KubeError, SecretMissing, api_error_line
 from flowfleet_operator.manifests import (
     DELETION_COST,
@@ -31,151 +31,20 @@ from flowfleet_operator.manifests import (
     selector_string,
 )
 from flowfleet_operator.model import (
-    API_VERSION,
-    KIND,
     FlowSpec,
     InvalidSpec,
     parse_spec,
     prefect_api_url,
 )
 from flowfleet_operator.queuedb import RATE_WINDOW_SECONDS, Database, DatabaseError
-from flowfleet_operator.scaling import Decision, Depth, History, Policy, decide
+from flowfleet_operator.scaling import Decision, Depth, Policy, decide
 from flowfleet_operator.settings import OperatorSettings
 
 log = logging.getLogger("flowfleet_operator")
 
-FlowKey = tuple[str, str]  # (namespace, name)
-# An enqueue wakes its database's loop after this pause, so a burst of NOTIFYs (one per
-# producer transaction) costs one depth read, not one each.
-DEBOUNCE_S = 0.02
-# Fast-path ticks come at most this often per database, however busy the producers.
-MIN_FAST_GAP_S = 0.25
 SECRET_CHECK_S = 1.0
 # How long a scale-in waits for its deletion-cost annotations to show in the pod watch.
 COST_OBSERVED_TIMEOUT_S = 2.0
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class Flow:
-    namespace: str
-    name: str
-    uid: str
-    generation: int
-    spec: FlowSpec
-    dsn: str | None = None
-    deployed: bool = False
-    replicas: int = 0  # the Deployment's spec.replicas, as last set or seen
-    pods: int = 0  # the Deployment's status.replicas
-    ready_pods: int = 0
-    history: History = ()
-    conditions: list[dict[str, Any]] = field(default_factory=list)
-    published: dict[str, Any] = field(default_factory=dict)
-    counts: dict[str, Any] = field(default_factory=dict)
-    schema_version: int | None = None
-    last_scale_time: str | None = None
-    secret_checked: float = 0.0
-    # Set while the Secret is gone: the flow keeps scaling on the last connection string
-    # it had, but says so instead of "Connected".
-    secret_error: str | None = None
-    desired: int | None = None  # the last decision's replicas
-    # What keeps the current spec from being served (InvalidSpec, DeploymentFailed): the
-    # ticks keep scaling what runs, but Ready stays False with this until a reconcile of
-    # the spec goes through.
-    spec_blocked: tuple[str, str] | None = None
-    deployment_generation: int = 0  # highest metadata.generation seen
-    expected_generation: int = 0  # our last scale's generation is at least this
-    # Status is computed and written under this lock: two writers (a tick, a Deployment
-    # event) must not land an older picture after a newer one.
-    publishing: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def key(self) -> FlowKey:
-        return (self.namespace, self.name)
-
-    @property
-    def ref(self) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
-            "metadata": {"namespace": self.namespace, "name": self.name, "uid": self.uid},
-        }
-
-    def condition(self, type_: str, status: bool | str, reason: str, message: str) -> bool:
-        """Set a condition; True when its status flipped (for one event per transition)."""
-        before = cond.get_condition(self.conditions, type_)
-        self.conditions = cond.set_condition(
-            self.conditions, type_, status, reason, message, self.generation, _now()
-        )
-        after = cond.get_condition(self.conditions, type_)
-        return before is None or (after is not None and before["status"] != after["status"])
-
-
-class DatabaseLoop:
-    """One database: its flows' periodic tick and the LISTEN fast path."""
-
-    def __init__(self, fleet: Fleet, dsn: str) -> None:
-        self.fleet = fleet
-        self.db = Database(dsn)
-        self.dsn = dsn
-        self.flows: set[FlowKey] = set()
-        self.wake = asyncio.Event()
-        self.notified = False
-        self.stop = threading.Event()
-        self.loop = asyncio.get_running_loop()
-        self.task = asyncio.create_task(self.run(), name=f"database {self.db.where}")
-        self.listener: threading.Thread | None = None
-        if fleet.settings.listen:
-            self.listener = threading.Thread(
-                target=self.db.listen, args=(self._on_notify, self.stop), daemon=True
-            )
-            self.listener.start()
-
-    def _on_notify(self, flow_name: str) -> None:  # runs in the listener thread
-        self.loop.call_soon_threadsafe(self._notified, flow_name)
-
-    def _notified(self, flow_name: str) -> None:
-        if any(
-            self.fleet.flows[k].spec.flow_name == flow_name
-            for k in self.flows
-            if k in self.fleet.flows
-        ):
-            self.notified = True
-            self.wake.set()
-
-    def interval(self) -> float:
-        specs = [self.fleet.flows[k].spec for k in self.flows if k in self.fleet.flows]
-        return float(min((s.poll_interval_seconds for s in specs), default=10))
-
-    async def run(self) -> None:
-        last_tick = 0.0
-        while not self.stop.is_set():
-            due = last_tick + self.interval()
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=max(0.0, due - time.monotonic()))
-            except asyncio.TimeoutError:
-                pass
-            fast = self.notified
-            if fast:
-                await asyncio.sleep(max(DEBOUNCE_S, last_tick + MIN_FAST_GAP_S - time.monotonic()))
-            self.wake.clear()
-            self.notified = False
-            last_tick = time.monotonic()
-            try:
-                await self.fleet.tick(self, fast=fast)
-            except Exception:  # one bad tick must not end the loop
-                log.exception("tick on %s failed", self.db.where)
-
-    async def close(self) -> None:
-        self.stop.set()
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-        if self.listener is not None:
-            await asyncio.to_thread(self.listener.join, 3)
-        self.db.close()
 
 
 class Fleet:
@@ -665,14 +534,3 @@ class Fleet:
         if flow.last_scale_time is not None:
             status["lastScaleTime"] = flow.last_scale_time
         return status
-
-
-def flow_reason(flow: Flow) -> str:
-    ready = cond.get_condition(flow.conditions, cond.READY)
-    return str((ready or {}).get("reason") or "Unknown")
-
-
-def post_event(flow: Flow, *, type: str, reason: str, message: str) -> None:
-    """A core/v1 Event on the DistributedFlow, posted by kopf in the background."""
-    ref: Any = flow.ref  # kopf reads a reference's fields from any mapping
-    kopf.event(ref, type=type, reason=reason, message=redact(message))
